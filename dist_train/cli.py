@@ -1,0 +1,104 @@
+"""The `dist-train` command: train, check.
+
+User errors print as one line on stderr and exit with status 2, before any worker starts
+whenever they can be found in the parent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dist_train.config import RunConfig, load_config, to_yaml
+from dist_train.env import dist_session, read_env, under_torchrun
+from dist_train.errors import DistTrainError
+from dist_train.launcher import LaunchConfig, check_launch, launch
+from dist_train.plan import build_plan, device_kind
+
+
+def run_worker(cfg: RunConfig) -> int:
+    """One worker's whole life: join the group, train, always leave the group."""
+    from dist_train.trainer import build_trainer  # keeps `dist-train check` light
+
+    env = read_env(cfg.train.device)
+    with dist_session(env, cfg.parallel.timeout_s):
+        trainer = build_trainer(cfg, env)
+        try:
+            trainer.fit()
+        finally:
+            trainer.logger.close()
+    return 0
+
+
+def _launch_config(args: argparse.Namespace) -> LaunchConfig:
+    return LaunchConfig(nproc=args.nproc or 1, nnodes=args.nnodes, node_rank=args.node_rank,
+                        rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
+                        max_restarts=args.max_restarts)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if under_torchrun():  # we are a worker: torchrun already decided the world
+        return run_worker(cfg)
+    lc = _launch_config(args)
+    check_launch(lc, device_kind(cfg))
+    if lc.world_size == 1:
+        return run_worker(cfg)
+    plan = build_plan(cfg, lc.world_size)  # every config error surfaces here, once
+    print(f"dist-train: {lc.nproc} workers x {lc.nnodes} node(s), {plan.backend} on "
+          f"{plan.device}, global batch {plan.global_batch_size} = {plan.micro_batch_size} x "
+          f"{plan.accumulation_steps} accumulation x {plan.world_size} workers", flush=True)
+    return launch(lc, ["train", args.config, *args.overrides])
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    lc = _launch_config(args)
+    check_launch(lc, device_kind(cfg))
+    print(to_yaml(cfg), end="")
+    print(build_plan(cfg, lc.world_size).format())
+    return 0
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML experiment file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4")
+    p.add_argument("--nproc", type=int, default=None, help="workers on this node (default 1)")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--rdzv-endpoint", default=None, help="host:port of the rendezvous (multi-node)")
+    p.add_argument("--rdzv-id", default="dist_train", help="same on every node of one job")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="restart the worker group this many times after a failure")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train from a config (one process, or --nproc N)")
+    _add_run_args(train)
+    train.set_defaults(func=cmd_train)
+    check = sub.add_parser("check", help="validate; print the resolved config and the plan")
+    _add_run_args(check)
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    # Overrides may come before or after options: collect stray key=value words too.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [word for word in extra if "=" not in word or word.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
+    try:
+        code = args.func(args)
+    except DistTrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

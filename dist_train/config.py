@@ -1,0 +1,235 @@
+"""Run configuration: structured dataclasses merged with YAML and `key=value` overrides.
+
+Order of precedence: dataclass defaults < YAML file < command-line overrides.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from dist_train.errors import ConfigError
+
+MODEL_NAMES = ("gpt", "mlp", "cnn")
+DATA_NAMES = ("text", "tokens", "synthetic")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gpt"  # gpt | mlp | cnn; ignored when _target_ is set
+    _target_: Optional[str] = None  # "package.module.Class" of a user nn.Module
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for _target_
+    n_layer: int = 4  # gpt: transformer blocks
+    n_head: int = 4  # gpt: attention heads per block
+    n_embd: int = 128  # gpt: residual stream width
+    block_size: int = 64  # gpt: context length; also the length of training windows
+    dropout: float = 0.0
+    bias: bool = False  # gpt: biases in Linear and LayerNorm
+    hidden_dims: List[int] = field(default_factory=lambda: [128, 128])  # mlp
+    channels: List[int] = field(default_factory=lambda: [16, 32])  # cnn conv widths
+
+
+@dataclass
+class DataConfig:
+    name: str = "text"  # text | tokens | synthetic; ignored when _target_ is set
+    _target_: Optional[str] = None  # "package.module.Class" of a user dataset (see data.py)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for _target_
+    path: Optional[str] = None  # text: UTF-8 file (default: Python's own stdlib source); tokens: dir
+    max_chars: int = 2_000_000  # text: cap on characters read from the default corpus (0 = all)
+    val_fraction: float = 0.1  # text/tokens: tail of the corpus; synthetic: random split by seed
+    vocab_size: int = 0  # tokens: 0 = meta.pkl's vocab_size, else max token id + 1
+    task: str = "classification"  # synthetic: classification | regression
+    num_samples: int = 4096  # synthetic: total samples before the split
+    input_shape: List[int] = field(default_factory=lambda: [32])  # synthetic: e.g. [3, 16, 16]
+    num_classes: int = 10  # synthetic classification
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | adam | sgd
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.0  # adamw/sgd: applied to matrices only, never to biases and norms
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0  # linear warmup from 0
+    min_lr: float = 0.0  # cosine floor, reached at max_steps
+    grad_clip: float = 1.0  # clip by global norm; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"  # config.yaml, metrics.jsonl, checkpoints
+    max_steps: int = 100  # optimizer steps
+    global_batch_size: int = 32  # samples per optimizer step, summed over all workers
+    micro_batch_size: int = 0  # samples per forward/backward on one worker (0: no accumulation)
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    eval_every: int = 0  # steps between evaluations (0: only at the end)
+    eval_batches: int = 4  # global batches of validation data per evaluation
+    sample_chars: int = 0  # text: characters to generate at the end (0: none)
+    sample_prompt: str = "\n"
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "auto"  # auto (ddp if world_size > 1 else none) | none | ddp
+    bucket_cap_mb: float = 25.0  # DDP gradient bucket size
+    static_graph: bool = False  # DDP: graph is the same every step (enables extra optimizations)
+    timeout_s: int = 600  # collective timeout; a stalled peer errors instead of hanging forever
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast; parameters and optimizer state stay fp32)
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10  # steps between metric lines (loss is averaged over the interval)
+    progress: str = "auto"  # auto (bar on a TTY only) | on | off
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.name": MODEL_NAMES,
+    "data.name": DATA_NAMES,
+    "data.task": ("classification", "regression"),
+    "optim.name": ("adamw", "adam", "sgd"),
+    "optim.schedule": ("cosine", "constant"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "parallel.strategy": ("auto", "none", "ddp"),
+    "precision.dtype": ("fp32", "bf16", "fp16"),
+    "log.progress": ("auto", "on", "off"),
+}
+POSITIVE = ("train.max_steps", "train.global_batch_size", "log.every_steps", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size")
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults < YAML < overrides, validated; raises ConfigError naming the key."""
+    merged = OmegaConf.structured(RunConfig)
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError("config", str(path), "file not found")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError("override", item, "expected key=value")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _as_config_error(e, overrides) from None
+    assert isinstance(cfg, RunConfig)
+    validate(cfg)
+    return cfg
+
+
+def _as_config_error(e: OmegaConfBaseException, overrides: Sequence[str]) -> ConfigError:
+    key = getattr(e, "full_key", None) or "config"
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
+    value = getattr(e, "value", None) if getattr(e, "value", None) is not None else given.get(key)
+    if isinstance(e, ConfigKeyError):
+        section, _, _ = key.rpartition(".")
+        node: Any = RunConfig()
+        for part in filter(None, section.split(".")):
+            node = getattr(node, part, None)
+        valid = ", ".join(f.name for f in fields(node)) if is_dataclass(node) else ""
+        return ConfigError(key, value, "unknown key" + (f" (valid: {valid})" if valid else ""))
+    return ConfigError(key, value, str(e).splitlines()[0])
+
+
+def get_key(cfg: RunConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no data, processes or world size."""
+    for key, choices in CHOICES.items():
+        if key.startswith(("model.", "data.")) and get_key(cfg, key.split(".")[0] + "._target_"):
+            continue
+        value = get_key(cfg, key)
+        if value not in choices:
+            raise ConfigError(key, value, f"expected one of {', '.join(choices)}")
+    for key in POSITIVE:
+        if get_key(cfg, key) <= 0:
+            raise ConfigError(key, get_key(cfg, key), "must be > 0")
+    if cfg.train.micro_batch_size < 0:
+        raise ConfigError("train.micro_batch_size", cfg.train.micro_batch_size,
+                          "must be >= 0 (0: global_batch_size / world_size)")
+    if cfg.model.n_embd % cfg.model.n_head:
+        raise ConfigError("model.n_embd", cfg.model.n_embd,
+                          f"must be divisible by model.n_head={cfg.model.n_head}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", cfg.data.val_fraction, "expected 0 <= x < 1")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas", cfg.optim.betas, "expected two numbers")
+    for section in ("model", "data"):
+        target = get_key(cfg, f"{section}._target_")
+        if target:
+            resolve_target(target, f"{section}._target_")
+
+
+def resolve_target(target: str, key: str) -> Any:
+    """Import "package.module.Attr"; ConfigError when it cannot be found."""
+    module_name, _, attr = target.rpartition(".")
+    if not module_name:
+        raise ConfigError(key, target, "expected 'package.module.Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(key, target, f"cannot import module '{module_name}': {e}") from None
+    if not hasattr(module, attr):
+        raise ConfigError(key, target, f"module '{module_name}' has no attribute '{attr}'")
+    return getattr(module, attr)
+
+
+def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
+    """Samples per forward/backward on one worker; 0 in the config means the whole rank slice."""
+    if cfg.train.global_batch_size % world_size:
+        raise ConfigError("train.global_batch_size", cfg.train.global_batch_size,
+                          f"must be divisible by world_size ({world_size})")
+    return cfg.train.micro_batch_size or cfg.train.global_batch_size // world_size
+
+
+def accumulation_steps(cfg: RunConfig, world_size: int) -> int:
+    """Micro-batches per worker per optimizer step; the global batch must split evenly."""
+    micro = micro_batch_size(cfg, world_size)
+    per_step = world_size * micro
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            "train.global_batch_size", cfg.train.global_batch_size,
+            f"must be divisible by world_size ({world_size}) x train.micro_batch_size "
+            f"({micro}) = {per_step}")
+    return cfg.train.global_batch_size // per_step
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))

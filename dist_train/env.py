@@ -1,0 +1,88 @@
+"""The distributed environment: the only module that reads torchrun's variables.
+
+A single process needs no process group; under torchrun (or `--nproc N`) every worker
+joins one, with gloo on CPU and nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from dist_train.errors import ConfigError
+
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    backend: str  # gloo | nccl
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def under_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
+    """True inside a worker started by torchrun's elastic agent (or any launcher setting RANK etc.)."""
+    return all(v in environ for v in TORCHRUN_VARS)
+
+
+def read_env(device: str = "auto", environ: Mapping[str, str] = os.environ) -> DistEnv:
+    """Rank, world size and device from the environment; a plain process is rank 0 of 1."""
+    rank = int(environ.get("RANK", 0))
+    local_rank = int(environ.get("LOCAL_RANK", 0))
+    world_size = int(environ.get("WORLD_SIZE", 1))
+    local_world_size = int(environ.get("LOCAL_WORLD_SIZE", world_size))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device", device, "CUDA is not available on this machine")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError("train.device", device,
+                              f"local rank {local_rank} has no GPU "
+                              f"({torch.cuda.device_count()} visible)")
+        return DistEnv(rank, local_rank, world_size, local_world_size,
+                       torch.device("cuda", local_rank), "nccl")
+    return DistEnv(rank, local_rank, world_size, local_world_size, torch.device("cpu"), "gloo")
+
+
+@contextmanager
+def dist_session(env: DistEnv, timeout_s: float = 600.0) -> Iterator[None]:
+    """Join the process group for the duration of a run and always leave it, even on errors."""
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    if env.is_distributed and not dist.is_initialized():
+        # device_id binds NCCL to this rank's GPU eagerly; gloo ignores it.
+        kwargs = {"device_id": env.device} if env.backend == "nccl" else {}
+        dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(seconds=timeout_s), **kwargs)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def all_reduce_mean(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Mean over ranks as SUM then divide: ReduceOp.AVG exists only on NCCL."""
+    if env.is_distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= env.world_size
+    return tensor

@@ -1,0 +1,87 @@
+"""Start N workers through torchrun's elastic agent; we write no process manager of our own."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from dist_train.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    nproc: int = 1  # workers on this node
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None  # host:port of the rendezvous, for more than one node
+    rdzv_id: str = "dist_train"
+    max_restarts: int = 0  # torchrun restarts the whole worker group this often after a failure
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+
+def max_local_workers(device: str) -> int:
+    """One worker per GPU; on CPU one per core (a worker needs at least one core to itself)."""
+    if device == "cuda":
+        return torch.cuda.device_count()
+    return os.cpu_count() or 1
+
+
+def check_launch(launch: LaunchConfig, device: str) -> None:
+    limit = max_local_workers(device)
+    unit = "GPUs" if device == "cuda" else "CPU cores"
+    if launch.nproc < 1:
+        raise ConfigError("--nproc", launch.nproc, "must be >= 1")
+    if launch.nproc > limit:
+        raise ConfigError("--nproc", launch.nproc,
+                          f"this machine has {limit} {unit}; use --nproc <= {limit}")
+    if launch.nnodes < 1:
+        raise ConfigError("--nnodes", launch.nnodes, "must be >= 1")
+    if launch.nnodes > 1 and not launch.rdzv_endpoint:
+        raise ConfigError("--rdzv-endpoint", None, "required with --nnodes > 1 (host:port)")
+    if not 0 <= launch.node_rank < launch.nnodes:
+        raise ConfigError("--node-rank", launch.node_rank, f"expected 0..{launch.nnodes - 1}")
+
+
+def torchrun_argv(launch: LaunchConfig, worker_args: list[str]) -> list[str]:
+    """torchrun's command line for `python -m dist_train <worker_args>` on every worker."""
+    argv = [f"--nproc-per-node={launch.nproc}", f"--max-restarts={launch.max_restarts}"]
+    if launch.nnodes == 1 and not launch.rdzv_endpoint:
+        argv.append("--standalone")  # local rendezvous on a free port
+    else:
+        argv += [f"--nnodes={launch.nnodes}", f"--node-rank={launch.node_rank}",
+                 "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
+                 f"--rdzv-id={launch.rdzv_id}"]
+    return [*argv, "--module", "dist_train", *worker_args]
+
+
+def threads_per_worker(nproc: int) -> int:
+    return max(1, (os.cpu_count() or 1) // nproc)
+
+
+def launch(launch: LaunchConfig, worker_args: list[str]) -> int:
+    """Run the workers and wait; returns the exit status to use (a worker's own on failure)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # Split the cores between local workers unless the user chose (torchrun would pick 1).
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(launch.nproc)))
+    try:
+        run(parse_args(torchrun_argv(launch, worker_args)))
+    except ChildFailedError as e:
+        failures = sorted(e.failures.items())
+        rank, failure = failures[0]
+        codes = ", ".join(f"rank {r}: exit {f.exitcode}" for r, f in failures)
+        print(f"error: {len(failures)} worker(s) failed ({codes}); see their output above",
+              file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as e:  # Ctrl-C or SIGTERM: the agent has already stopped the workers
+        print(f"interrupted ({e.sigval.name}): all workers stopped", file=sys.stderr)
+        return 128 + int(e.sigval)
+    return 0

@@ -1,0 +1,40 @@
+"""Model registry: built-in models by name, user models by `_target_` import path."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from dist_train.config import ModelConfig, resolve_target
+from dist_train.data import DataSpec
+from dist_train.errors import ConfigError
+from dist_train.models.gpt import GPT
+from dist_train.models.simple import CNN, MLP
+
+
+def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    if cfg._target_:
+        cls = resolve_target(cfg._target_, "model._target_")
+        try:
+            return cls(**cfg.kwargs)
+        except TypeError as e:
+            raise ConfigError("model.kwargs", dict(cfg.kwargs), str(e)) from None
+    if cfg.name == "gpt":
+        if spec.task != "lm":
+            raise ConfigError("model.name", cfg.name, f"needs token data, got a {spec.task} task")
+        return GPT(spec.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
+                   cfg.dropout, cfg.bias)
+    if spec.task == "lm":
+        raise ConfigError("model.name", cfg.name, "cannot model token sequences; use gpt")
+    if cfg.name == "mlp":
+        return MLP(math.prod(spec.input_shape), list(cfg.hidden_dims), spec.num_outputs, cfg.dropout)
+    if len(spec.input_shape) != 3:
+        raise ConfigError("data.input_shape", list(spec.input_shape),
+                          "cnn needs [channels, height, width]")
+    return CNN(spec.input_shape, list(cfg.channels), spec.num_outputs, cfg.dropout)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters counted once each (`parameters()` already skips tied duplicates)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,50 @@
+"""Optimizers and learning-rate schedules (pure functions of the step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dist_train.config import OptimConfig
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Weight decay applies to matrices and embeddings only: decaying biases and norm gains
+    only hurts. Frozen parameters are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine or constant."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clip_and_measure(model: nn.Module, max_norm: float, measure: bool) -> torch.Tensor | None:
+    """Clip gradients by their global norm when `max_norm > 0`; return the (pre-clip) norm when
+    clipping or when asked to measure, without a host sync either way."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+    if measure:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+    return None

@@ -1,0 +1,61 @@
+"""What a run will do, computed before any process starts: batch split, model size, memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dist_train.config import RunConfig, accumulation_steps, micro_batch_size
+from dist_train.data import build_data
+from dist_train.models import build_model, count_parameters
+from dist_train.parallel import resolve_strategy
+
+
+@dataclass
+class Plan:
+    world_size: int
+    device: str
+    backend: str
+    strategy: str
+    micro_batch_size: int
+    accumulation_steps: int
+    global_batch_size: int
+    train_samples: int
+    val_samples: int
+    parameters: int
+    optimizer_state_bytes: int  # per parameter: Adam keeps two fp32 moments, SGD one buffer
+
+    def format(self) -> str:
+        # fp32 weights + fp32 grads + optimizer state, per rank, before activations
+        gib = self.parameters * (8 + self.optimizer_state_bytes) / 2**30
+        return "\n".join([
+            "plan:",
+            f"  world_size: {self.world_size} ({self.backend} on {self.device}, strategy {self.strategy})",
+            f"  global_batch_size: {self.global_batch_size} = micro_batch_size {self.micro_batch_size}"
+            f" x accumulation_steps {self.accumulation_steps} x world_size {self.world_size}",
+            f"  data: {self.train_samples} train / {self.val_samples} validation samples",
+            f"  parameters: {self.parameters:,} ({self.parameters / 1e6:.2f} M)",
+            f"  memory per rank (weights, grads, optimizer state): {gib:.3f} GiB + activations",
+        ])
+
+
+def device_kind(cfg: RunConfig) -> str:
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.train.device
+
+
+def build_plan(cfg: RunConfig, world_size: int) -> Plan:
+    """Validates everything that would otherwise fail inside the workers: batch split, data,
+    model construction. The model is built on the meta device, so size costs no memory."""
+    accum = accumulation_steps(cfg, world_size)
+    strategy = resolve_strategy(cfg.parallel, world_size)
+    data = build_data(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg.model, data.spec)
+    device = device_kind(cfg)
+    return Plan(world_size, device, "nccl" if device == "cuda" else "gloo", strategy,
+                micro_batch_size(cfg, world_size), accum, cfg.train.global_batch_size,
+                len(data.train), len(data.val) if data.val is not None else 0,
+                count_parameters(model), 4 if cfg.optim.name == "sgd" else 8)

@@ -1,0 +1,185 @@
+"""The training loop: a few short methods over objects built from config."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_train.config import RunConfig, accumulation_steps, micro_batch_size, save_config
+from dist_train.data import Data, DataSpec, GlobalBatchSampler, build_data
+from dist_train.env import DistEnv, all_reduce_mean
+from dist_train.metrics import MetricsLogger
+from dist_train.models import build_model
+from dist_train.models.gpt import GPT, generate
+from dist_train.optim import build_optimizer, clip_and_measure, lr_at, set_lr
+from dist_train.parallel import grad_sync, unwrap, wrap_model
+from dist_train.precision import Precision
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def build_loss(spec: DataSpec) -> LossFn:
+    if spec.task == "lm":
+        return lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    if spec.task == "regression":
+        return F.mse_loss
+    return F.cross_entropy
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # completed optimizer steps
+    samples_seen: int = 0
+
+
+@dataclass
+class FitResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> mean train loss of interval
+    val_losses: dict[int, float] = field(default_factory=dict)
+    sample: str | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env: DistEnv, data: Data, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, logger: MetricsLogger) -> None:
+        self.cfg, self.env, self.data, self.model = cfg, env, data, model
+        self.optimizer, self.logger = optimizer, logger
+        self.precision = Precision(cfg.precision, env.device)
+        self.loss_fn = build_loss(data.spec)
+        self.accum = accumulation_steps(cfg, env.world_size)
+        self.micro_batch_size = micro_batch_size(cfg, env.world_size)
+        self.sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, cfg.train.seed)
+        self.state = TrainState()
+        # Loss summed on the device between log steps: no host sync on steps that do not log.
+        self._interval_loss = torch.zeros((), device=env.device)
+
+    def _to_device(self, indices: torch.Tensor, dataset: object) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = dataset.get_batch(indices)  # type: ignore[attr-defined]
+        if self.env.device.type == "cuda":
+            return (x.pin_memory().to(self.env.device, non_blocking=True),
+                    y.pin_memory().to(self.env.device, non_blocking=True))
+        return x, y
+
+    def train_step(self, step: int, measure_norm: bool) -> torch.Tensor | None:
+        """One optimizer step over this rank's slice of the global batch, in micro-batches."""
+        set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
+        indices = self.sampler.rank_indices(step, self.env.rank, self.env.world_size)
+        chunks = indices.split(self.micro_batch_size)
+        for i, chunk in enumerate(chunks):
+            x, y = self._to_device(chunk, self.data.train)
+            with grad_sync(self.model, enabled=i == len(chunks) - 1):
+                with self.precision.autocast():
+                    loss = self.loss_fn(self.model(x), y) / self.accum
+                self.precision.backward(loss)
+            self._interval_loss += loss.detach()
+        self.precision.unscale_(self.optimizer)
+        norm = clip_and_measure(self.model, self.cfg.optim.grad_clip, measure_norm)
+        self.precision.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss over the same fixed global batches every time, split across
+        ranks exactly like training batches and averaged over all of them."""
+        if self.data.val is None or self.cfg.train.eval_batches <= 0:
+            return None
+        sampler = GlobalBatchSampler(len(self.data.val), self.cfg.train.global_batch_size,
+                                     self.cfg.train.seed)
+        model = unwrap(self.model)
+        model.eval()
+        totals = torch.zeros(2, device=self.env.device)  # loss * samples, samples
+        for b in range(self.cfg.train.eval_batches):
+            indices = sampler.rank_indices(b, self.env.rank, self.env.world_size)
+            for chunk in indices.split(self.micro_batch_size):
+                x, y = self._to_device(chunk, self.data.val)
+                with self.precision.autocast():
+                    totals[0] += self.loss_fn(model(x), y).float() * len(chunk)
+                totals[1] += len(chunk)
+        model.train()
+        all_reduce_mean(totals, self.env)  # the ratio is what matters; mean == sum / world
+        return (totals[0] / totals[1]).item()
+
+    def maybe_log(self, norm: torch.Tensor | None, interval: tuple[int, float],
+                  result: FitResult, start: float) -> bool:
+        """At log steps: reduce the interval's loss over ranks (every rank joins) and write."""
+        step, (last_step, last_time) = self.state.step, interval
+        if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps:
+            return False
+        loss = all_reduce_mean(self._interval_loss, self.env).item() / (step - last_step)
+        self._interval_loss.zero_()
+        now = time.perf_counter()
+        samples_per_sec = (step - last_step) * self.cfg.train.global_batch_size / (now - last_time)
+        record = {"step": step, "loss": loss, "lr": lr_at(step - 1, self.cfg.optim, self.cfg.train.max_steps),
+                  "grad_norm": None if norm is None else norm.item(),
+                  "samples_per_sec": samples_per_sec,
+                  "tokens_per_sec": (samples_per_sec * self.data.spec.tokens_per_sample
+                                     if self.data.spec.tokens_per_sample else None),
+                  "elapsed_sec": now - start}
+        result.losses[step] = loss
+        self.logger.log(record)
+        return True
+
+    def maybe_evaluate(self, result: FitResult) -> None:
+        every, step = self.cfg.train.eval_every, self.state.step
+        if step == self.cfg.train.max_steps or (every > 0 and step % every == 0):
+            val = self.evaluate()
+            if val is not None:
+                result.val_losses[step] = val
+                self.logger.log({"step": step, "val_loss": val})
+
+    def fit(self) -> FitResult:
+        result = FitResult()
+        self.model.train()
+        start = time.perf_counter()
+        interval = (self.state.step, start)
+        while self.state.step < self.cfg.train.max_steps:
+            step = self.state.step
+            logging_now = (step + 1) % self.cfg.log.every_steps == 0
+            norm = self.train_step(step, measure_norm=logging_now)
+            self.state.step += 1
+            self.state.samples_seen += self.cfg.train.global_batch_size
+            if self.maybe_log(norm, interval, result, start):
+                interval = (self.state.step, time.perf_counter())
+            self.logger.bar(self.state.step, result.losses.get(max(result.losses, default=-1)))
+            self.maybe_evaluate(result)
+        result.sample = self.maybe_sample()
+        return result
+
+    def maybe_sample(self) -> str | None:
+        """Main rank only, on the unwrapped model: no collectives involved."""
+        spec, chars = self.data.spec, self.cfg.train.sample_chars
+        model = unwrap(self.model)
+        if not (self.env.is_main and chars > 0 and spec.encode and spec.decode
+                and isinstance(model, GPT)):
+            return None
+        prompt_ids = spec.encode(self.cfg.train.sample_prompt) or [0]
+        prompt = torch.tensor([prompt_ids], device=self.env.device)
+        g = torch.Generator(device=self.env.device).manual_seed(self.cfg.train.seed)
+        with self.precision.autocast():
+            out = generate(model, prompt, chars, generator=g)
+        text = spec.decode(out[0].tolist())
+        self.logger.print(f"--- sample ({chars} characters) ---\n{text}\n---")
+        return text
+
+
+def build_trainer(cfg: RunConfig, env: DistEnv) -> Trainer:
+    """Data, model (same init on every rank), optimizer, logger; writes the resolved config."""
+    accumulation_steps(cfg, env.world_size)  # fail on a bad batch split before touching anything
+    data = build_data(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = wrap_model(build_model(cfg.model, data.spec), cfg.parallel, env)
+    # Different dropout masks per rank, reproducible per rank.
+    torch.manual_seed(cfg.train.seed + env.rank)
+    optimizer = build_optimizer(cfg.optim, model)
+    run_dir = Path(cfg.train.run_dir)
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir if env.is_main else None, cfg.log, cfg.train.max_steps)
+    return Trainer(cfg, env, data, model, optimizer, logger)
