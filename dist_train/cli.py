@@ -27,7 +27,7 @@ def run_worker(cfg: RunConfig) -> int:
         try:
             trainer.fit()
         finally:
-            trainer.logger.close()
+            trainer.close()
     return 0
 
 

@@ -9,7 +9,7 @@ import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -24,29 +24,29 @@ DATA_NAMES = ("text", "tokens", "synthetic")
 class ModelConfig:
     name: str = "gpt"  # gpt | mlp | cnn; ignored when _target_ is set
     _target_: Optional[str] = None  # "package.module.Class" of a user nn.Module
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for _target_
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for _target_
     n_layer: int = 4  # gpt: transformer blocks
     n_head: int = 4  # gpt: attention heads per block
     n_embd: int = 128  # gpt: residual stream width
     block_size: int = 64  # gpt: context length; also the length of training windows
     dropout: float = 0.0
     bias: bool = False  # gpt: biases in Linear and LayerNorm
-    hidden_dims: List[int] = field(default_factory=lambda: [128, 128])  # mlp
-    channels: List[int] = field(default_factory=lambda: [16, 32])  # cnn conv widths
+    hidden_dims: list[int] = field(default_factory=lambda: [128, 128])  # mlp
+    channels: list[int] = field(default_factory=lambda: [16, 32])  # cnn conv widths
 
 
 @dataclass
 class DataConfig:
     name: str = "text"  # text | tokens | synthetic; ignored when _target_ is set
     _target_: Optional[str] = None  # "package.module.Class" of a user dataset (see data.py)
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for _target_
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for _target_
     path: Optional[str] = None  # text: UTF-8 file (default: Python's own stdlib source); tokens: dir
     max_chars: int = 2_000_000  # text: cap on characters read from the default corpus (0 = all)
     val_fraction: float = 0.1  # text/tokens: tail of the corpus; synthetic: random split by seed
     vocab_size: int = 0  # tokens: 0 = meta.pkl's vocab_size, else max token id + 1
     task: str = "classification"  # synthetic: classification | regression
     num_samples: int = 4096  # synthetic: total samples before the split
-    input_shape: List[int] = field(default_factory=lambda: [32])  # synthetic: e.g. [3, 16, 16]
+    input_shape: list[int] = field(default_factory=lambda: [32])  # synthetic: e.g. [3, 16, 16]
     num_classes: int = 10  # synthetic classification
 
 
@@ -55,7 +55,7 @@ class OptimConfig:
     name: str = "adamw"  # adamw | adam | sgd
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.0  # adamw/sgd: applied to matrices only, never to biases and norms
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
@@ -95,7 +95,7 @@ class PrecisionConfig:
 @dataclass
 class LogConfig:
     every_steps: int = 10  # steps between metric lines (loss is averaged over the interval)
-    progress: str = "auto"  # auto (bar on a TTY only) | on | off
+    progress: str = "auto"  # auto (bar on a TTY only) | always | never
 
 
 @dataclass
@@ -118,7 +118,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "parallel.strategy": ("auto", "none", "ddp"),
     "precision.dtype": ("fp32", "bf16", "fp16"),
-    "log.progress": ("auto", "on", "off"),
+    "log.progress": ("auto", "always", "never"),
 }
 POSITIVE = ("train.max_steps", "train.global_batch_size", "log.every_steps", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size")
 

@@ -76,7 +76,7 @@ def launch(launch: LaunchConfig, worker_args: list[str]) -> int:
         run(parse_args(torchrun_argv(launch, worker_args)))
     except ChildFailedError as e:
         failures = sorted(e.failures.items())
-        rank, failure = failures[0]
+        failure = failures[0][1]
         codes = ", ".join(f"rank {r}: exit {f.exitcode}" for r, f in failures)
         print(f"error: {len(failures)} worker(s) failed ({codes}); see their output above",
               file=sys.stderr)

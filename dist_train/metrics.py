@@ -23,7 +23,7 @@ class MetricsLogger:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.file = open(run_dir / "metrics.jsonl", "a" if append else "w")  # noqa: SIM115
         tty = hasattr(stream, "isatty") and stream.isatty()
-        self.progress = self.enabled and (cfg.progress == "on" or (cfg.progress == "auto" and tty))
+        self.progress = self.enabled and (cfg.progress == "always" or (cfg.progress == "auto" and tty))
         self._last_bar = 0.0
         self._bar_shown = False
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,6 +152,13 @@ class Trainer:
             self.maybe_evaluate(result)
         result.sample = self.maybe_sample()
         return result
+
+    def close(self) -> None:
+        """Release the DDP wrapper before the process group goes: destroying a gloo group while
+        a DDP reducer still holds it aborts the process now and then (torch 2.13)."""
+        self.logger.close()
+        self.model = unwrap(self.model)
+        gc.collect()  # DDP's hooks form reference cycles; free it now, not at exit
 
     def maybe_sample(self) -> str | None:
         """Main rank only, on the unwrapped model: no collectives involved."""
