@@ -75,11 +75,9 @@ def launch(launch: LaunchConfig, worker_args: list[str]) -> int:
     try:
         run(parse_args(torchrun_argv(launch, worker_args)))
     except ChildFailedError as e:
-        failures = sorted(e.failures.items())
-        failure = failures[0][1]
-        codes = ", ".join(f"rank {r}: exit {f.exitcode}" for r, f in failures)
-        print(f"error: {len(failures)} worker(s) failed ({codes}); see their output above",
-              file=sys.stderr)
+        rank, failure = e.get_first_failure()  # the root cause; the others were stopped after it
+        print(f"error: worker rank {rank} failed with exit code {failure.exitcode} (its output "
+              "is above); the other workers were stopped", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     except SignalException as e:  # Ctrl-C or SIGTERM: the agent has already stopped the workers
         print(f"interrupted ({e.sigval.name}): all workers stopped", file=sys.stderr)

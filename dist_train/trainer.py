@@ -151,6 +151,13 @@ class Trainer:
             self.logger.bar(self.state.step, result.losses.get(max(result.losses, default=-1)))
             self.maybe_evaluate(result)
         result.sample = self.maybe_sample()
+        last = result.losses.get(self.state.step)
+        val = result.val_losses.get(self.state.step)
+        self.logger.print(
+            f"done: {self.state.step} steps in {time.perf_counter() - start:.1f} s"
+            + (f", loss {last:.4f}" if last is not None else "")
+            + (f", val_loss {val:.4f}" if val is not None else "")
+            + f"; metrics in {Path(self.cfg.train.run_dir) / 'metrics.jsonl'}")
         return result
 
     def close(self) -> None:

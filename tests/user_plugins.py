@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -30,3 +32,18 @@ class LineDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[i], self.y[i]
+
+
+class CrashOnRankOne(nn.Module):
+    """Raises in the forward of rank 1 after `after` calls: a worker that dies mid-run."""
+
+    def __init__(self, in_features: int, after: int = 3) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, 1)
+        self.after, self.calls = after, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if os.environ.get("RANK") == "1" and self.calls > self.after:
+            raise RuntimeError("simulated worker crash")
+        return self.linear(x)
