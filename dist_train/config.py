@@ -81,15 +81,22 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "auto"  # auto (ddp if world_size > 1 else none) | none | ddp
+    strategy: str = "auto"  # auto (ddp if world_size > 1 else none) | none | ddp | fsdp
     bucket_cap_mb: float = 25.0  # DDP gradient bucket size
     static_graph: bool = False  # DDP: graph is the same every step (enables extra optimizations)
+    grad_compression: str = "none"  # DDP comm hook: none | bf16 | fp16 | powersgd
+    powersgd_rank: int = 1  # powersgd: rank of the low-rank gradient approximation
+    powersgd_start_step: int = 10  # powersgd: plain all-reduce before this step (warm start)
+    reshard_after_forward: bool = True  # fsdp: free gathered params after forward (less memory)
     timeout_s: int = 600  # collective timeout; a stalled peer errors instead of hanging forever
 
 
 @dataclass
 class PrecisionConfig:
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast; parameters and optimizer state stay fp32)
+    # fp32 | bf16 | fp16: autocast of forward and loss; parameters and optimizer state stay fp32.
+    # fp16 always uses a loss scaler (skips steps with inf/nan grads); bf16 never needs one.
+    dtype: str = "fp32"
+    reduce_dtype: str = "fp32"  # fsdp: dtype gradients are reduce-scattered in (fp32 | bf16 | fp16)
 
 
 @dataclass
@@ -116,7 +123,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
-    "parallel.strategy": ("auto", "none", "ddp"),
+    "parallel.strategy": ("auto", "none", "ddp", "fsdp"),
+    "parallel.grad_compression": ("none", "bf16", "fp16", "powersgd"),
+    "precision.reduce_dtype": ("fp32", "bf16", "fp16"),
     "precision.dtype": ("fp32", "bf16", "fp16"),
     "log.progress": ("auto", "always", "never"),
 }
@@ -184,6 +193,9 @@ def validate(cfg: RunConfig) -> None:
                           f"must be divisible by model.n_head={cfg.model.n_head}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("data.val_fraction", cfg.data.val_fraction, "expected 0 <= x < 1")
+    if cfg.parallel.grad_compression != "none" and cfg.parallel.strategy == "fsdp":
+        raise ConfigError("parallel.grad_compression", cfg.parallel.grad_compression,
+                          "compression hooks are DDP's; with fsdp use precision.reduce_dtype")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas", cfg.optim.betas, "expected two numbers")
     for section in ("model", "data"):

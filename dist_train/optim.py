@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dist_train.config import OptimConfig
 
@@ -41,10 +42,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def clip_and_measure(model: nn.Module, max_norm: float, measure: bool) -> torch.Tensor | None:
     """Clip gradients by their global norm when `max_norm > 0`; return the (pre-clip) norm when
-    clipping or when asked to measure, without a host sync either way."""
+    clipping or when asked to measure, without a host sync either way. Under FSDP2 the
+    gradients are sharded DTensors: their norm is reduced over ranks into the global one."""
+    if max_norm <= 0 and not measure:
+        return None
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
-    if measure:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads, foreach=True)
-    return None
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm

@@ -80,8 +80,9 @@ class Trainer:
                 self.precision.backward(loss)
             self._interval_loss += loss.detach()
         self.precision.unscale_(self.optimizer)
-        norm = clip_and_measure(self.model, self.cfg.optim.grad_clip, measure_norm)
-        self.precision.step(self.optimizer)
+        norm = clip_and_measure(self.model, self.cfg.optim.grad_clip,
+                                measure_norm or self.precision.needs_grad_norm)
+        self.precision.step(self.optimizer, norm)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -122,7 +123,7 @@ class Trainer:
                   "samples_per_sec": samples_per_sec,
                   "tokens_per_sec": (samples_per_sec * self.data.spec.tokens_per_sample
                                      if self.data.spec.tokens_per_sample else None),
-                  "elapsed_sec": now - start}
+                  "elapsed_sec": now - start, **self.precision.log_fields()}
         result.losses[step] = loss
         self.logger.log(record)
         return True
@@ -168,11 +169,11 @@ class Trainer:
         gc.collect()  # DDP's hooks form reference cycles; free it now, not at exit
 
     def maybe_sample(self) -> str | None:
-        """Main rank only, on the unwrapped model: no collectives involved."""
+        """Every rank samples the same text (same seed): under FSDP2 each forward gathers
+        parameters collectively, so all ranks must take part. Only the main rank prints."""
         spec, chars = self.data.spec, self.cfg.train.sample_chars
         model = unwrap(self.model)
-        if not (self.env.is_main and chars > 0 and spec.encode and spec.decode
-                and isinstance(model, GPT)):
+        if not (chars > 0 and spec.encode and spec.decode and isinstance(model, GPT)):
             return None
         prompt_ids = spec.encode(self.cfg.train.sample_prompt) or [0]
         prompt = torch.tensor([prompt_ids], device=self.env.device)
@@ -189,7 +190,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv) -> Trainer:
     accumulation_steps(cfg, env.world_size)  # fail on a bad batch split before touching anything
     data = build_data(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = wrap_model(build_model(cfg.model, data.spec), cfg.parallel, env)
+    model = wrap_model(build_model(cfg.model, data.spec), cfg.parallel, cfg.precision, env)
     # Different dropout masks per rank, reproducible per rank.
     torch.manual_seed(cfg.train.seed + env.rank)
     optimizer = build_optimizer(cfg.optim, model)

@@ -91,6 +91,50 @@ def clean_dist_env(monkeypatch: pytest.MonkeyPatch) -> Any:
         dist.destroy_process_group()
 
 
+def train_in_process(overrides: list[str]) -> dict[str, Any]:
+    """Train in this process (a rank when RANK etc. are set): losses per step, full weights,
+    and what this rank stores locally."""
+    from dist_train.config import load_config
+    from dist_train.env import dist_session, read_env
+    from dist_train.parallel import local_numel, unwrap
+    from dist_train.trainer import build_trainer
+
+    cfg = load_config(None, overrides)
+    env = read_env(cfg.train.device)
+    with dist_session(env, timeout_s=120):
+        trainer = build_trainer(cfg, env)
+        result = trainer.fit()
+        model = unwrap(trainer.model)
+        params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                  for k, v in model.state_dict().items()}
+        meshes = {p.device_mesh.device_type for p in model.parameters() if hasattr(p, "device_mesh")}
+        out = {"losses": result.losses, "val": result.val_losses, "params": params,
+               "local_numel": local_numel(model), "numel": sum(p.numel() for p in model.parameters()),
+               "devices": {p.device.type for p in model.parameters()}, "meshes": meshes,
+               "wrapper": type(trainer.model).__name__, "sample": result.sample}
+        trainer.close()
+    return out
+
+
 # Small GPT settings shared by tests that train: seconds, not minutes, on 2 cores.
-TINY_GPT = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+TINY_GPT = ["train.device=cpu", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
             "data.max_chars=100000", "train.eval_batches=2", "log.progress=never"]
+
+# Exactness runs: fp32, no dropout, every step logged. SGD is kept on purpose: only SGD exposes a
+# gradient summed over ranks instead of averaged (Adam is nearly blind to the scale).
+STEPS = 24
+EXACT_RUN = [*TINY_GPT, f"train.max_steps={STEPS}", "train.global_batch_size=8",
+             "log.every_steps=1", "train.eval_every=12", "optim.warmup_steps=3",
+             "optim.grad_clip=1.0", "model.dropout=0.0"]
+OPTIMIZERS = {"adamw": ["optim.name=adamw", "optim.lr=1e-3"],
+              "sgd": ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"]}
+
+
+def assert_same_training(a: dict[str, Any], b: dict[str, Any], rel: float = 1e-5) -> None:
+    """Same per-step losses, validation losses and final weights within `rel`."""
+    assert sorted(a["losses"]) == sorted(b["losses"]) and a["losses"]
+    for step in a["losses"]:
+        assert b["losses"][step] == pytest.approx(a["losses"][step], rel=rel), step
+    assert b["val"] == pytest.approx(a["val"], rel=rel)
+    for name, tensor in a["params"].items():
+        torch.testing.assert_close(b["params"][name], tensor, rtol=rel, atol=1e-6, msg=name)

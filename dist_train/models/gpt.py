@@ -57,6 +57,10 @@ class GPT(nn.Module):
             if name.endswith(("attn.proj.weight", "mlp.2.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules FSDP2 shards one by one (gathered just in time, freed right after)."""
+        return list(self.blocks)
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
