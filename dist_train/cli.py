@@ -1,4 +1,4 @@
-"""The `dist-train` command: train, check.
+"""The `dist-train` command: train, check, export.
 
 User errors print as one line on stderr and exit with status 2, before any worker starts
 whenever they can be found in the parent.
@@ -61,6 +61,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dist_train.checkpoint.export import export
+
+    path = export(args.source, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML experiment file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4")
@@ -82,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate; print the resolved config and the plan")
     _add_run_args(check)
     check.set_defaults(func=cmd_check)
+    export = sub.add_parser("export", help="consolidate a sharded checkpoint into .safetensors")
+    export.add_argument("source", help="a run directory or one checkpoints/step_N folder")
+    export.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    export.set_defaults(func=cmd_export, overrides=[])
     return parser
 
 

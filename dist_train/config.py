@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from dist_train.errors import ConfigError
@@ -33,6 +33,8 @@ class ModelConfig:
     bias: bool = False  # gpt: biases in Linear and LayerNorm
     hidden_dims: list[int] = field(default_factory=lambda: [128, 128])  # mlp
     channels: list[int] = field(default_factory=lambda: [16, 32])  # cnn conv widths
+    init_from: Optional[str] = None  # weights to start from: a checkpoint dir or a .safetensors
+    freeze: list[str] = field(default_factory=list)  # parameter-name patterns (fnmatch) to freeze
 
 
 @dataclass
@@ -100,6 +102,16 @@ class PrecisionConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    enabled: bool = True  # the last step always saves when enabled
+    every_steps: int = 0  # also save every N steps (0: only at the end)
+    keep_last: int = 2  # complete checkpoints kept; older ones go only once a newer is complete
+    # Also accepted as `checkpoint.async`: training blocks only while the state is copied in
+    # memory; files are written in the background (DCP async_save on its own gloo group).
+    async_save: bool = False
+
+
+@dataclass
 class LogConfig:
     every_steps: int = 10  # steps between metric lines (loss is averaged over the interval)
     progress: str = "auto"  # auto (bar on a TTY only) | always | never
@@ -114,6 +126,8 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "auto"  # auto (newest complete checkpoint in run_dir, if any) | none | PATH
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -140,17 +154,32 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
             path = Path(path)
             if not path.is_file():
                 raise ConfigError("config", str(path), "file not found")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _aliased(OmegaConf.load(path)))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError("override", item, "expected key=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        dotlist = [ALIASES.get(o.split("=", 1)[0], o.split("=", 1)[0]) + "=" + o.split("=", 1)[1]
+                   for o in overrides]
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _as_config_error(e, overrides) from None
     assert isinstance(cfg, RunConfig)
     validate(cfg)
     return cfg
+
+
+# `async` is a Python keyword, so the field is async_save; users may write either.
+ALIASES = {"checkpoint.async": "checkpoint.async_save"}
+
+
+def _aliased(node: Any) -> Any:
+    for alias, key in ALIASES.items():
+        section, _, name = alias.partition(".")
+        sub = node.get(section) if isinstance(node, DictConfig) else None
+        if isinstance(sub, DictConfig) and name in sub:
+            sub[key.partition(".")[2]] = sub.pop(name)
+    return node
 
 
 def _as_config_error(e: OmegaConfBaseException, overrides: Sequence[str]) -> ConfigError:
@@ -193,6 +222,9 @@ def validate(cfg: RunConfig) -> None:
                           f"must be divisible by model.n_head={cfg.model.n_head}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("data.val_fraction", cfg.data.val_fraction, "expected 0 <= x < 1")
+    if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
+        key = "checkpoint.every_steps" if cfg.checkpoint.every_steps < 0 else "checkpoint.keep_last"
+        raise ConfigError(key, get_key(cfg, key), "every_steps must be >= 0, keep_last >= 1")
     if cfg.parallel.grad_compression != "none" and cfg.parallel.strategy == "fsdp":
         raise ConfigError("parallel.grad_compression", cfg.parallel.grad_compression,
                           "compression hooks are DDP's; with fsdp use precision.reduce_dtype")

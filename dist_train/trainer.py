@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_train.checkpoint import Checkpointer, TrainState
+from dist_train.checkpoint.export import init_model
+from dist_train.checkpoint.files import resolve_resume
 from dist_train.config import RunConfig, accumulation_steps, micro_batch_size, save_config
 from dist_train.data import Data, DataSpec, GlobalBatchSampler, build_data
 from dist_train.env import DistEnv, all_reduce_mean
@@ -34,12 +37,6 @@ def build_loss(spec: DataSpec) -> LossFn:
 
 
 @dataclass
-class TrainState:
-    step: int = 0  # completed optimizer steps
-    samples_seen: int = 0
-
-
-@dataclass
 class FitResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> mean train loss of interval
     val_losses: dict[int, float] = field(default_factory=dict)
@@ -48,15 +45,15 @@ class FitResult:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv, data: Data, model: nn.Module,
-                 optimizer: torch.optim.Optimizer, logger: MetricsLogger) -> None:
+                 optimizer: torch.optim.Optimizer, precision: Precision,
+                 checkpointer: Checkpointer, state: TrainState, logger: MetricsLogger) -> None:
         self.cfg, self.env, self.data, self.model = cfg, env, data, model
-        self.optimizer, self.logger = optimizer, logger
-        self.precision = Precision(cfg.precision, env.device)
+        self.optimizer, self.precision, self.checkpointer = optimizer, precision, checkpointer
+        self.state, self.logger = state, logger
         self.loss_fn = build_loss(data.spec)
         self.accum = accumulation_steps(cfg, env.world_size)
         self.micro_batch_size = micro_batch_size(cfg, env.world_size)
         self.sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, cfg.train.seed)
-        self.state = TrainState()
         # Loss summed on the device between log steps: no host sync on steps that do not log.
         self._interval_loss = torch.zeros((), device=env.device)
 
@@ -136,8 +133,24 @@ class Trainer:
                 result.val_losses[step] = val
                 self.logger.log({"step": step, "val_loss": val})
 
+    def maybe_checkpoint(self) -> None:
+        """Periodic saves (async if configured) and the final one, always synchronous."""
+        ckpt, step = self.cfg.checkpoint, self.state.step
+        self.checkpointer.poll()
+        if not ckpt.enabled:
+            return
+        if step == self.cfg.train.max_steps:
+            self.checkpointer.save(self.state, blocking=True)
+        elif ckpt.every_steps and step % ckpt.every_steps == 0:
+            self.checkpointer.save(self.state, blocking=False)
+
     def fit(self) -> FitResult:
         result = FitResult()
+        if self.state.step >= self.cfg.train.max_steps:
+            self.logger.print(f"done already: {self.cfg.train.run_dir} holds a checkpoint at step "
+                              f"{self.state.step} (train.max_steps={self.cfg.train.max_steps}); "
+                              "raise train.max_steps to train further")
+            return result
         self.model.train()
         start = time.perf_counter()
         interval = (self.state.step, start)
@@ -150,6 +163,7 @@ class Trainer:
             if self.maybe_log(norm, interval, result, start):
                 interval = (self.state.step, time.perf_counter())
             self.logger.bar(self.state.step, result.losses.get(max(result.losses, default=-1)))
+            self.maybe_checkpoint()  # before evaluation: work is safe as early as possible
             self.maybe_evaluate(result)
         result.sample = self.maybe_sample()
         last = result.losses.get(self.state.step)
@@ -165,6 +179,7 @@ class Trainer:
         """Release the DDP wrapper before the process group goes: destroying a gloo group while
         a DDP reducer still holds it aborts the process now and then (torch 2.13)."""
         self.logger.close()
+        self.checkpointer.close()
         self.model = unwrap(self.model)
         gc.collect()  # DDP's hooks form reference cycles; free it now, not at exit
 
@@ -189,13 +204,24 @@ def build_trainer(cfg: RunConfig, env: DistEnv) -> Trainer:
     """Data, model (same init on every rank), optimizer, logger; writes the resolved config."""
     accumulation_steps(cfg, env.world_size)  # fail on a bad batch split before touching anything
     data = build_data(cfg)
+    resume_from = resolve_resume(cfg)
     torch.manual_seed(cfg.train.seed)
-    model = wrap_model(build_model(cfg.model, data.spec), cfg.parallel, cfg.precision, env)
+    model = build_model(cfg.model, data.spec)
+    init_model(model, None if resume_from else cfg.model.init_from, list(cfg.model.freeze))
+    model = wrap_model(model, cfg.parallel, cfg.precision, env)
     # Different dropout masks per rank, reproducible per rank.
     torch.manual_seed(cfg.train.seed + env.rank)
     optimizer = build_optimizer(cfg.optim, model)
+    precision = Precision(cfg.precision, env.device)
+    checkpointer = Checkpointer(cfg, env, model, optimizer, precision)
+    state = TrainState()
+    if resume_from is not None:  # before anything is written: a bad checkpoint touches nothing
+        checkpointer.load(resume_from, state)
     run_dir = Path(cfg.train.run_dir)
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir if env.is_main else None, cfg.log, cfg.train.max_steps)
-    return Trainer(cfg, env, data, model, optimizer, logger)
+    logger = MetricsLogger(run_dir if env.is_main else None, cfg.log, cfg.train.max_steps,
+                           append=resume_from is not None)
+    if resume_from is not None:
+        logger.print(f"resumed from {resume_from} at step {state.step}")
+    return Trainer(cfg, env, data, model, optimizer, precision, checkpointer, state, logger)

@@ -91,9 +91,13 @@ def clean_dist_env(monkeypatch: pytest.MonkeyPatch) -> Any:
         dist.destroy_process_group()
 
 
-def train_in_process(overrides: list[str]) -> dict[str, Any]:
+class StopTraining(Exception):
+    """Raised by a test hook to cut a run short, as a crash or a kill would."""
+
+
+def train_in_process(overrides: list[str], stop_at: int | None = None) -> dict[str, Any]:
     """Train in this process (a rank when RANK etc. are set): losses per step, full weights,
-    and what this rank stores locally."""
+    and what this rank stores locally. `stop_at=N` interrupts the run right after step N."""
     from dist_train.config import load_config
     from dist_train.env import dist_session, read_env
     from dist_train.parallel import local_numel, unwrap
@@ -103,7 +107,17 @@ def train_in_process(overrides: list[str]) -> dict[str, Any]:
     env = read_env(cfg.train.device)
     with dist_session(env, timeout_s=120):
         trainer = build_trainer(cfg, env)
-        result = trainer.fit()
+        if stop_at is not None:
+            def stop(module: torch.nn.Module, *_: Any) -> None:
+                if trainer.state.step == stop_at and module.training:  # not in evaluation
+                    raise StopTraining
+
+            unwrap(trainer.model).register_forward_pre_hook(stop)
+        try:
+            result = trainer.fit()
+        except StopTraining:
+            trainer.close()
+            return {"stopped_at": trainer.state.step}
         model = unwrap(trainer.model)
         params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
                   for k, v in model.state_dict().items()}

@@ -1,0 +1,169 @@
+"""Checkpoint folders on disk: discovery, manifest, and the checks run before any collective."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+import dist_train
+from dist_train.config import RunConfig
+from dist_train.env import DistEnv
+from dist_train.errors import ConfigError
+from dist_train.parallel import resolve_strategy
+
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+# Settings a run cannot change when it resumes: they define the model or the data stream.
+# Everything else (max_steps, log and eval intervals, micro-batch, lr ...) may change.
+INVARIANT = ("model.name", "model._target_", "model.kwargs", "model.n_layer", "model.n_head",
+             "model.n_embd", "model.block_size", "model.bias", "model.hidden_dims",
+             "model.channels", "data.", "train.global_batch_size", "train.seed", "optim.name")
+
+
+def is_complete(path: Path) -> bool:
+    return (STEP_DIR.match(path.name) is not None and (path / ".metadata").is_file()
+            and (path / MANIFEST).is_file())
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete step folders under `root`, oldest first; `.tmp_*` leftovers never count."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if is_complete(p)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def resolve_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint to resume from: `auto` = newest complete one in the run dir (or none)."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        found = complete_checkpoints(Path(cfg.train.run_dir) / "checkpoints")
+        return found[-1] if found else None
+    return find_checkpoint(cfg.resume, "resume")
+
+
+def find_checkpoint(value: str, key: str) -> Path:
+    """A complete checkpoint folder, or the newest one in a run dir or its checkpoints/ dir."""
+    path = Path(value)
+    if not path.exists():
+        raise ConfigError(key, value, "no such checkpoint or run directory")
+    if is_complete(path):
+        return path
+    found = complete_checkpoints(path / "checkpoints") or complete_checkpoints(path)
+    if not found:
+        raise ConfigError(key, value, "holds no complete checkpoint (partial saves are ignored)")
+    return found[-1]
+
+
+def flat_config(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
+    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(OmegaConf.structured(cfg))
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and key != "kwargs":
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(container, "")
+    return flat
+
+
+def invariant_settings(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flat_config(cfg).items() if k.startswith(INVARIANT)}
+
+
+def manifest_for(cfg: RunConfig, env: DistEnv, step: int, samples_seen: int,
+                 folder: Path) -> dict[str, Any]:
+    invariant = invariant_settings(cfg)
+    files = {str(p.relative_to(folder)): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    return {
+        "step": step, "samples_seen": samples_seen, "world_size": env.world_size,
+        "strategy": resolve_strategy(cfg.parallel, env.world_size),
+        "versions": {"dist_train": dist_train.__version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "config_hash": hashlib.sha256(json.dumps(invariant, sort_keys=True).encode()).hexdigest()[:16],
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "files": files,
+    }
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError("resume", str(path), f"unreadable checkpoint manifest ({e})") from None
+
+
+def check_compatible(cfg: RunConfig, manifest: dict[str, Any], path: Path) -> None:
+    saved, now = invariant_settings(manifest["config"]), invariant_settings(cfg)
+    diff = [f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+    if diff:
+        raise ConfigError("resume", str(path),
+                          "these settings differ from the checkpoint's and cannot change on "
+                          f"resume: {', '.join(diff)} (use resume=none or a new train.run_dir)")
+
+
+def check_files(manifest: dict[str, Any], path: Path) -> None:
+    """Every shard present with the size it was written with (truncation, lost files)."""
+    for name, size in manifest["files"].items():
+        file = path / name
+        actual = file.stat().st_size if file.is_file() else None
+        if actual != size:
+            raise ConfigError("resume", str(path),
+                              f"corrupted checkpoint: {name} has {actual} bytes, expected {size}")
+
+
+def check_shapes(state: dict[str, Any], path: Path) -> None:
+    """Compare the model's tensors with the checkpoint's metadata, locally on every rank, so a
+    mismatch is an error on all of them before DCP's collectives start (never a hang)."""
+    try:
+        saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise ConfigError("resume", str(path), f"unreadable checkpoint metadata ({e})") from None
+    problems = []
+    for name, tensor in state["model"].items():
+        meta = saved.get(f"model.{name}")
+        if not isinstance(meta, TensorStorageMetadata):
+            problems.append(f"{name} missing")
+        elif tuple(meta.size) != tuple(tensor.shape):
+            problems.append(f"{name} {tuple(meta.size)} in checkpoint vs {tuple(tensor.shape)}")
+    extra = [k[6:] for k in saved if k.startswith("model.") and k[6:] not in state["model"]]
+    problems += [f"{name} unexpected" for name in extra]
+    if problems:
+        raise ConfigError("resume", str(path),
+                          f"checkpoint does not fit this model: {'; '.join(problems[:8])}")
+
+
+@contextmanager
+def single_process_quiet() -> Iterator[None]:
+    """DCP warns that it "assumes" a single process even when told so (no_dist=True)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable: the directory entry itself must reach the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
