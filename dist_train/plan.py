@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_train.checkpoint.files import check_compatible, check_files, read_manifest, resolve_resume
 from dist_train.config import RunConfig, accumulation_steps, micro_batch_size
 from dist_train.data import build_data
 from dist_train.models import build_model, count_parameters
@@ -24,7 +25,9 @@ class Plan:
     train_samples: int
     val_samples: int
     parameters: int
-    optimizer_state_bytes: int  # per parameter: Adam keeps two fp32 moments, SGD one buffer
+    optimizer_state_bytes: int
+    resume_from: str | None = None  # the checkpoint a run would continue from
+    resume_step: int = 0  # per parameter: Adam keeps two fp32 moments, SGD one buffer
 
     def format(self) -> str:
         # fp32 weights + fp32 grads + optimizer state, per rank, before activations
@@ -37,6 +40,7 @@ class Plan:
             f"  data: {self.train_samples} train / {self.val_samples} validation samples",
             f"  parameters: {self.parameters:,} ({self.parameters / 1e6:.2f} M)",
             f"  memory per rank (weights, grads, optimizer state): {gib:.3f} GiB + activations",
+            f"  resume: {f'step {self.resume_step} from {self.resume_from}' if self.resume_from else 'fresh start'}",
         ])
 
 
@@ -55,7 +59,15 @@ def build_plan(cfg: RunConfig, world_size: int) -> Plan:
     with torch.device("meta"):
         model = build_model(cfg.model, data.spec)
     device = device_kind(cfg)
+    resume_from = resolve_resume(cfg)
+    resume_step = 0
+    if resume_from is not None:  # the checks workers would make, once and before they start
+        manifest = read_manifest(resume_from)
+        check_compatible(cfg, manifest, resume_from)
+        check_files(manifest, resume_from)
+        resume_step = manifest["step"]
     return Plan(world_size, device, "nccl" if device == "cuda" else "gloo", strategy,
                 micro_batch_size(cfg, world_size), accum, cfg.train.global_batch_size,
                 len(data.train), len(data.val) if data.val is not None else 0,
-                count_parameters(model), 4 if cfg.optim.name == "sgd" else 8)
+                count_parameters(model), 4 if cfg.optim.name == "sgd" else 8,
+                str(resume_from) if resume_from else None, resume_step)

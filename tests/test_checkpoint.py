@@ -164,6 +164,10 @@ def test_bad_checkpoint_input_is_one_line_exit_2(tmp_path: Path) -> None:
             "train.global_batch_size=4", f"train.run_dir={run_dir}"]
     assert cli(*base).returncode == 0
     assert "done already" in cli(*base).stdout  # the same command again: nothing to do
+    assert "done already" in cli(*base, "--nproc", "2").stdout  # decided before spawning
+    proc = cli(*base, "train.max_steps=8", "model.n_layer=3", "--nproc", "2")
+    assert proc.returncode == 2 and "model.n_layer (2 -> 3)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # refused in the parent, once
     shard = next((run_dir / "checkpoints/step_0000004").glob("*.distcp"))
     partial = tmp_path / "partial/checkpoints/.tmp_step_0000002"
     partial.mkdir(parents=True)
