@@ -1,4 +1,4 @@
-"""The `dist-train` command: train, check, export.
+"""The `dist-train` command: train, check, export, bench.
 
 User errors print as one line on stderr and exit with status 2, before any worker starts
 whenever they can be found in the parent.
@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from dist_train.bench import add_bench_parser
 from dist_train.config import RunConfig, load_config, to_yaml
 from dist_train.env import dist_session, read_env, under_torchrun
 from dist_train.errors import DistTrainError
@@ -46,6 +47,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if lc.world_size == 1:
         return run_worker(cfg)
     plan = build_plan(cfg, lc.world_size)  # every config error surfaces here, once
+    if plan.resume_step >= cfg.train.max_steps:
+        print(f"done already: {plan.resume_from} is at step {plan.resume_step} "
+              f"(train.max_steps={cfg.train.max_steps}); raise train.max_steps to train further")
+        return 0
     print(f"dist-train: {lc.nproc} workers x {lc.nnodes} node(s), {plan.backend} on "
           f"{plan.device}, global batch {plan.global_batch_size} = {plan.micro_batch_size} x "
           f"{plan.accumulation_steps} accumulation x {plan.world_size} workers", flush=True)
@@ -94,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("source", help="a run directory or one checkpoints/step_N folder")
     export.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
     export.set_defaults(func=cmd_export, overrides=[])
+    add_bench_parser(sub)
     return parser
 
 

@@ -73,7 +73,9 @@ class Trainer:
             x, y = self._to_device(chunk, self.data.train)
             with grad_sync(self.model, enabled=i == len(chunks) - 1):
                 with self.precision.autocast():
-                    loss = self.loss_fn(self.model(x), y) / self.accum
+                    loss = self.loss_fn(self.model(x), y)
+                    if self.accum > 1:  # mean over the rank's whole slice, not one micro-batch
+                        loss = loss / self.accum
                 self.precision.backward(loss)
             self._interval_loss += loss.detach()
         self.precision.unscale_(self.optimizer)

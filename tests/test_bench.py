@@ -1,0 +1,257 @@
+"""`dist-train bench`: statistics and JSON output (unit), and a smoke run of every benchmark at
+tiny sizes that checks every field is there. Never a timing assertion."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dist_train.bench import BENCHMARKS, get_benchmark, load_runner, split_config
+from dist_train.bench.harness import BenchArgs, measure_interleaved
+from dist_train.bench.report import BenchReport, Column, format_table, timing_rows, write_json
+from dist_train.bench.stats import (
+    interleaved_order,
+    median,
+    paired_ratios,
+    quantile,
+    ratio_summary,
+    round_medians,
+    summarize,
+)
+from dist_train.cli import build_parser
+from dist_train.env import DistEnv
+from dist_train.errors import ConfigError
+
+from conftest import REPO, cli
+
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+TINY = ("model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
+        "data.max_chars=20000")
+CPU1 = DistEnv(0, 0, 1, 1, torch.device("cpu"), "gloo")
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+def test_quantiles_interpolate_like_numpy() -> None:
+    xs = [7.0, 1.0, 3.0, 5.0]
+    assert median(xs) == 4.0
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert quantile(xs, 0.0) == 1.0 and quantile(xs, 1.0) == 7.0
+    assert quantile(xs, 0.25) == pytest.approx(2.5)  # numpy.percentile(xs, 25)
+    assert quantile([4.0], 0.75) == 4.0
+    with pytest.raises(ValueError):
+        quantile([], 0.5)
+
+
+def test_summary_is_robust_to_one_outlier() -> None:
+    s = summarize([1.0, 1.0, 1.1, 0.9, 100.0])
+    assert s["median"] == 1.0 and s["min"] == 0.9 and s["max"] == 100.0 and s["n"] == 5
+    assert s["iqr"] == pytest.approx(s["q3"] - s["q1"]) and s["iqr"] == pytest.approx(0.1)
+    assert s["mean"] > 20  # the mean moves, the median does not
+
+
+def test_round_figure_is_the_median_of_its_steps() -> None:
+    assert round_medians([[1.0, 9.0, 2.0], [3.0, 3.0]]) == [2.0, 3.0]
+
+
+def test_ratios_are_paired_per_round() -> None:
+    a, b = [2.0, 4.0, 9.0], [1.0, 2.0, 3.0]
+    assert paired_ratios(a, b) == [2.0, 2.0, 3.0]
+    r = ratio_summary(a, b)
+    assert r["median"] == 2.0 and r["per_round"] == [2.0, 2.0, 3.0]
+    assert r["ratio_of_medians"] == 2.0 and r["min"] == 2.0 and r["max"] == 3.0
+    with pytest.raises(ValueError):
+        paired_ratios([1.0], [1.0, 2.0])
+
+
+def test_order_rotates_so_no_contender_always_goes_first() -> None:
+    assert interleaved_order(["a", "b"], 4) == [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
+    rounds = interleaved_order(["a", "b", "c"], 6)
+    for position in range(3):
+        firsts = [r[position] for r in rounds]
+        assert sorted(firsts) == ["a", "a", "b", "b", "c", "c"]
+
+
+def test_measure_interleaved_warms_up_then_alternates() -> None:
+    calls: list[tuple[str, int]] = []
+    runners = {name: (lambda n, name=name: calls.append((name, n))) for name in ("a", "b")}
+    args = BenchArgs("t", None, steps=3, warmup=2, repeats=3)
+    times = measure_interleaved(runners, args, CPU1)
+    # On CPU every step is timed on its own: a list of `steps` times per round.
+    assert calls[:2] == [("a", 2), ("b", 2)] and len(calls) == 2 + 3 * 2 * 3
+    assert all(n == 1 for _, n in calls[2:])
+    assert [name for name, _ in calls[2::3]] == ["a", "b", "b", "a", "a", "b"]
+    assert {k: [len(r) for r in v] for k, v in times.items()} == {"a": [3] * 3, "b": [3] * 3}
+    assert all(t >= 0 for v in times.values() for r in v for t in r)
+
+
+# --- report and JSON -------------------------------------------------------------------------
+
+def _report() -> BenchReport:
+    # Two steps per round; a round's figure is the median of its steps.
+    times = {"x": [[0.010, 0.010], [0.011, 0.013], [0.011, 0.011]],
+             "y": [[0.010, 0.010], [0.009, 0.011], [0.010, 0.010]]}
+    rows = timing_rows(times, {"x": 16, "y": 16}, tokens_per_sample=64)
+    return BenchReport("demo", {"nan": float("nan"), "nested": {"inf": float("inf")}}, rows,
+                       [Column("step_time_s.median", "step ms", 1e3, ".2f")],
+                       ratios={"x/y": ratio_summary(round_medians(times["x"]),
+                                                    round_medians(times["y"]))},
+                       notes=["a note"])
+
+
+def test_json_holds_every_raw_figure_and_is_strict(tmp_path: Path) -> None:
+    path = write_json(_report(), tmp_path / "sub" / "demo.json")
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON: non-finite -> null
+    data = json.loads(text)
+    assert data["benchmark"] == "demo" and data["notes"] == ["a note"]
+    assert data["settings"] == {"nan": None, "nested": {"inf": None}}
+    x = data["results"][0]
+    assert x["step_times_s"] == [[0.010, 0.010], [0.011, 0.013], [0.011, 0.011]]
+    assert x["step_time_s_per_round"] == pytest.approx([0.010, 0.012, 0.011])
+    assert x["step_time_s"]["median"] == pytest.approx(0.011)
+    assert x["samples_per_sec"]["median"] == pytest.approx(16 / 0.011)
+    assert x["tokens_per_sec"]["median"] == pytest.approx(64 * 16 / 0.011)
+    assert data["ratios"]["x/y"]["per_round"] == pytest.approx([1.0, 1.2, 1.1])
+
+
+def test_table_shows_contenders_and_ratios() -> None:
+    table = format_table(_report())
+    assert "bench demo" in table and "11.00" in table and "x/y: 1.100" in table
+    assert table.splitlines()[-1] == "a note"
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def test_registry_and_parser() -> None:
+    names = [b.name for b in BENCHMARKS]
+    assert names == ["overhead", "accelerate", "allreduce", "scaling"]
+    assert all(callable(load_runner(b)) for b in BENCHMARKS)
+    with pytest.raises(ConfigError):
+        get_benchmark("nope")
+    args = build_parser().parse_args(["bench", "allreduce", "--steps", "3", "x.yaml", "a=1"])
+    assert (args.bench.name, args.nproc, args.steps, args.overrides) == ("allreduce", 2, 3,
+                                                                        ["x.yaml", "a=1"])
+    assert split_config(["a=1", "cfg.yaml", "b=2"]) == ("cfg.yaml", ["a=1", "b=2"])
+    assert split_config(["a=1"])[0] == QUICKSTART
+    with pytest.raises(ConfigError):
+        split_config(["one.yaml", "two.yaml"])
+
+
+@pytest.mark.parametrize(("argv", "key"), [
+    (["bench", "allreduce", "--nproc", "1"], "--nproc"),
+    (["bench", "overhead", "--steps", "0"], "--steps"),
+    (["bench", "overhead", "model.n_layers=2"], "model.n_layers"),
+    (["bench", "overhead", "train.global_batch_size=15", "--nproc", "2"],
+     "train.global_batch_size"),
+    (["bench", "accelerate", "--nproc", "2", "parallel.strategy=fsdp"], "parallel.strategy"),
+    (["bench", "accelerate", "precision.dtype=fp16", "train.device=cpu"], "precision.dtype")])
+def test_input_errors_surface_in_the_parent(argv: list[str], key: str) -> None:
+    args = build_parser().parse_args(argv)
+    with pytest.raises(ConfigError) as e:
+        args.func(args)
+    assert e.value.key == key
+
+
+# --- smoke runs: every field present, positive and finite (no timing assertions) -----------
+
+def _finite_positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def smoke(name: str, nproc: int, *overrides: str) -> dict[str, Any]:
+    args = BenchArgs(name, QUICKSTART, (*TINY, *overrides), nproc=nproc, steps=2, warmup=1,
+                     repeats=2, threads=1)
+    report = load_runner(get_benchmark(name))(args)
+    data = report.to_json()
+    assert data["benchmark"] == name and data["settings"]["args"]["nproc"] == nproc
+    assert data["settings"]["threads"] == 1 and data["settings"]["world_size"] == nproc
+    assert format_table(report).startswith(f"== bench {name} ==")
+    for label, ratio in data["ratios"].items():
+        assert all(_finite_positive(ratio[k]) for k in ("median", "q1", "q3", "min", "max",
+                                                        "ratio_of_medians")), label
+        assert len(ratio["per_round"]) == 2
+    return data
+
+
+def check_training(data: dict[str, Any], names: list[str]) -> None:
+    assert [r["name"] for r in data["results"]] == names
+    for row in data["results"]:
+        for key in ("step_time_s", "samples_per_sec", "tokens_per_sec"):
+            assert all(_finite_positive(row[key][k]) for k in ("median", "q1", "q3", "min", "max"))
+        assert [len(r) for r in row["step_times_s"]] == [2, 2]  # rounds x steps
+    assert len(data["ratios"]) == 1
+    for key in ("parameters", "global_batch_size", "micro_batch_size", "tokens_per_sample"):
+        assert _finite_positive(data["settings"][key]), key
+
+
+def check_host_syncs(data: dict[str, Any], other: str) -> None:
+    """No per-step host sync in dist_train's hot path that the other loop does not have."""
+    syncs = data["settings"]["host_syncs_per_step"]
+    assert syncs["dist_train"] <= syncs[other], syncs
+
+
+def test_smoke_overhead_one_worker() -> None:
+    data = smoke("overhead", 1)
+    check_training(data, ["dist_train", "raw_torch"])
+    assert data["settings"]["max_param_diff"] < 1e-5  # the raw loop really does the same work
+    check_host_syncs(data, "raw_torch")
+
+
+def test_smoke_accelerate_one_worker() -> None:
+    data = smoke("accelerate", 1)
+    check_training(data, ["dist_train", "accelerate"])
+    assert data["settings"]["accelerate_distributed_type"] == "DistributedType.NO"
+
+
+@pytest.mark.distributed
+def test_smoke_overhead_two_workers() -> None:
+    data = smoke("overhead", 2)
+    check_training(data, ["dist_train", "raw_torch"])
+    assert data["settings"]["backend"] == "gloo"
+    check_host_syncs(data, "raw_torch")
+
+
+@pytest.mark.distributed
+def test_smoke_accelerate_two_workers_bf16() -> None:
+    data = smoke("accelerate", 2, "precision.dtype=bf16")
+    check_training(data, ["dist_train", "accelerate"])
+    assert data["settings"]["accelerate_distributed_type"] == "DistributedType.MULTI_CPU"
+    assert data["settings"]["precision"] == "bf16"
+    check_host_syncs(data, "accelerate")
+
+
+@pytest.mark.distributed
+def test_smoke_allreduce() -> None:
+    data = smoke("allreduce", 2)
+    sizes = [r["bytes"] for r in data["results"]]
+    assert sizes == sorted(sizes) and len(sizes) == 9  # 4 KiB .. 64 MiB + the model's gradients
+    for row in data["results"]:
+        for key in ("time_s", "algbw_GBps", "busbw_GBps"):
+            assert _finite_positive(row[key]["median"]), (row["name"], key)
+        assert 0 < row["of_peak"] <= 1
+    assert _finite_positive(data["settings"]["gradient_bytes"])
+
+
+@pytest.mark.distributed
+def test_smoke_scaling() -> None:
+    data = smoke("scaling", 2)
+    check_training(data, ["1 worker", "2 workers"])
+    assert [r["samples_per_step"] for r in data["results"]] == [16, 32]
+
+
+@pytest.mark.slow
+def test_cli_writes_table_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "o.json"
+    proc = cli("bench", "overhead", "--steps", "2", "--warmup", "1", "--repeats", "2",
+               "--out", str(out), *TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert "step time dist_train/raw_torch:" in proc.stdout and str(out) in proc.stdout
+    assert json.loads(out.read_text())["benchmark"] == "overhead"
+    bad = cli("bench", "allreduce", "--nproc", "1", *TINY)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --nproc=1")
