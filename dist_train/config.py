@@ -79,6 +79,7 @@ class TrainConfig:
     eval_batches: int = 4  # global batches of validation data per evaluation
     sample_chars: int = 0  # text: characters to generate at the end (0: none)
     sample_prompt: str = "\n"
+    compile: bool = False  # torch.compile each block (or the whole model), in place, before wrapping
 
 
 @dataclass
@@ -115,6 +116,9 @@ class CheckpointConfig:
 class LogConfig:
     every_steps: int = 10  # steps between metric lines (loss is averaged over the interval)
     progress: str = "auto"  # auto (bar on a TTY only) | always | never
+    # Peak dense TFLOP/s of one device at the run's precision, for the `mfu` metric
+    # (0: known GPUs are looked up, otherwise no mfu is reported).
+    peak_tflops: float = 0.0
 
 
 @dataclass

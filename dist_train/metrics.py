@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+
 from dist_train.config import LogConfig
 
 
@@ -64,6 +66,29 @@ class MetricsLogger:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+# Dense bf16/fp16 tensor-core peaks (no sparsity), TFLOP/s per device, by name fragment.
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
+                     "L4": 121.0}
+
+
+def peak_flops(cfg: LogConfig, device: torch.device, dtype: str) -> float | None:
+    """Peak FLOP/s of one device for MFU: the configured value, else a known GPU's bf16/fp16
+    peak. CPUs have no single honest figure, so there is no MFU unless one is given."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda" and dtype in ("bf16", "fp16"):
+        name = torch.cuda.get_device_name(device)
+        for fragment, tflops in KNOWN_PEAK_TFLOPS.items():
+            if fragment in name:
+                return tflops * 1e12
+    return None
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, peak: float, world_size: int) -> float:
+    """Model FLOPs utilization: achieved training FLOP/s over the peak of all devices."""
+    return tokens_per_sec * flops_per_token / (peak * world_size)
 
 
 def _fmt(key: str, value: Any) -> str:

@@ -18,7 +18,7 @@ from dist_train.checkpoint.files import resolve_resume
 from dist_train.config import RunConfig, accumulation_steps, micro_batch_size, save_config
 from dist_train.data import Data, DataSpec, GlobalBatchSampler, build_data
 from dist_train.env import DistEnv, all_reduce_mean
-from dist_train.metrics import MetricsLogger
+from dist_train.metrics import MetricsLogger, mfu, peak_flops
 from dist_train.models import build_model
 from dist_train.models.gpt import GPT, generate
 from dist_train.optim import build_optimizer, clip_and_measure, lr_at, set_lr
@@ -54,6 +54,9 @@ class Trainer:
         self.accum = accumulation_steps(cfg, env.world_size)
         self.micro_batch_size = micro_batch_size(cfg, env.world_size)
         self.sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, cfg.train.seed)
+        flops = getattr(unwrap(model), "flops_per_token", None)
+        peak = peak_flops(cfg.log, env.device, cfg.precision.dtype)
+        self._mfu_inputs = (flops(), peak) if flops is not None and peak else None
         # Loss summed on the device between log steps: no host sync on steps that do not log.
         self._interval_loss = torch.zeros((), device=env.device)
 
@@ -123,6 +126,8 @@ class Trainer:
                   "tokens_per_sec": (samples_per_sec * self.data.spec.tokens_per_sample
                                      if self.data.spec.tokens_per_sample else None),
                   "elapsed_sec": now - start, **self.precision.log_fields()}
+        if self._mfu_inputs and record["tokens_per_sec"]:
+            record["mfu"] = mfu(record["tokens_per_sec"], *self._mfu_inputs, self.env.world_size)
         result.losses[step] = loss
         self.logger.log(record)
         return True
@@ -210,6 +215,11 @@ def build_trainer(cfg: RunConfig, env: DistEnv) -> Trainer:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data.spec)
     init_model(model, None if resume_from else cfg.model.init_from, list(cfg.model.freeze))
+    if cfg.train.compile:
+        # In place (module.compile), so parameter names and checkpoints stay the same; per
+        # block where the model has blocks, which is also what FSDP2 shards.
+        for unit in getattr(model, "fsdp_units", lambda: [model])():
+            unit.compile()
     model = wrap_model(model, cfg.parallel, cfg.precision, env)
     # Different dropout masks per rank, reproducible per rank.
     torch.manual_seed(cfg.train.seed + env.rank)

@@ -121,3 +121,27 @@ def test_metrics_logger(tmp_path: Path) -> None:
     silent = MetricsLogger(None, LogConfig(progress="always"), 10, stream=out)
     silent.log({"step": 2})
     assert out.getvalue() == "step 1 loss 2.5\n"
+
+
+def test_flops_per_token_and_mfu() -> None:
+    from dist_train.config import LogConfig
+    from dist_train.metrics import mfu, peak_flops
+
+    model = GPT(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    matmul_weights = count_parameters(model) - 8 * 16  # all but the position table
+    assert model.flops_per_token() == 6 * matmul_weights + 12 * 2 * 16 * 8
+    assert mfu(1000.0, 1e6, 1e12, 2) == pytest.approx(5e-4)
+    assert peak_flops(LogConfig(peak_tflops=2.0), torch.device("cpu"), "fp32") == 2e12
+    assert peak_flops(LogConfig(), torch.device("cpu"), "bf16") is None  # no honest CPU figure
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager(tmp_path: Path) -> None:
+    from conftest import TINY_GPT, train_in_process
+
+    run = [*TINY_GPT, "train.max_steps=6", "log.every_steps=1", "train.global_batch_size=4"]
+    eager = train_in_process([*run, f"train.run_dir={tmp_path}/eager"])
+    compiled = train_in_process([*run, "train.compile=true", f"train.run_dir={tmp_path}/compiled"])
+    assert compiled["params"].keys() == eager["params"].keys()  # checkpoints stay compatible
+    for step, loss in eager["losses"].items():
+        assert compiled["losses"][step] == pytest.approx(loss, rel=1e-4)

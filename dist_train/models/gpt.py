@@ -57,6 +57,14 @@ class GPT(nn.Module):
             if name.endswith(("attn.proj.weight", "mlp.2.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward = 3 x forward), PaLM appendix B:
+        6 per weight of the matmuls (embedding lookups excluded) plus attention's
+        12 x layers x width x context."""
+        n_layer, n_embd = len(self.blocks), self.wpe.weight.shape[1]
+        matmul_params = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        return 6.0 * matmul_params + 12.0 * n_layer * n_embd * self.block_size
+
     def fsdp_units(self) -> list[nn.Module]:
         """Modules FSDP2 shards one by one (gathered just in time, freed right after)."""
         return list(self.blocks)
