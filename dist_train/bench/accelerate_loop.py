@@ -12,19 +12,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
-from dist_train.bench.harness import BenchArgs, bench_config, measure_interleaved, run_workers
+from dist_train.bench.harness import BenchArgs, bench_config, run_workers
 from dist_train.bench.loops import (
     FrameworkLoop,
     check_plain_ddp,
-    count_host_syncs,
-    max_param_diff,
     rank_batches,
     raw_loss,
     raw_optimizer,
-    training_settings,
 )
-from dist_train.bench.report import TIMING_COLUMNS, BenchReport, timing_rows
-from dist_train.bench.stats import ratio_summary, round_medians
+from dist_train.bench.overhead import head_to_head, head_to_head_report
+from dist_train.bench.report import BenchReport
 from dist_train.config import RunConfig, accumulation_steps, micro_batch_size
 from dist_train.data import Data
 from dist_train.env import DistEnv
@@ -33,7 +30,7 @@ from dist_train.models import build_model
 from dist_train.optim import lr_at
 from dist_train.plan import device_kind
 
-FRAMEWORK, ACCELERATE = "dist_train", "accelerate"
+ACCELERATE = "accelerate"
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -101,40 +98,16 @@ class AccelerateLoop:
 
 
 def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
-    cfg = bench_config(args)
-    framework = FrameworkLoop(cfg, env)
-    contender = AccelerateLoop(cfg, env, framework.data, args.total_steps)
-    try:
-        # Accelerate sets its own thread count when OMP_NUM_THREADS is unset; we set it, and
-        # set the threads again here so both contenders run with exactly the same.
-        torch.set_num_threads(args.threads)
-        times = measure_interleaved({FRAMEWORK: framework.run, ACCELERATE: contender.run},
-                                    args, env)
-        syncs = {FRAMEWORK: count_host_syncs(framework.run),
-                 ACCELERATE: count_host_syncs(contender.run)}
-        diff = max_param_diff(framework.parameters(), contender.parameters())
-        distributed_type = str(contender.accelerator.distributed_type)
-    finally:
-        contender.close()
-        framework.close()
-    return {"step_times": times, "max_param_diff": diff, "host_syncs_per_step": syncs,
-            "threads": torch.get_num_threads(),
+    framework = FrameworkLoop(bench_config(args), env)
+    contender = AccelerateLoop(framework.trainer.cfg, env, framework.data, args.total_steps)
+    distributed_type = str(contender.accelerator.distributed_type)
+    return {**head_to_head(args, env, framework, ACCELERATE, contender),
             "accelerate_version": accelerate.__version__,
-            "accelerate_distributed_type": distributed_type,
-            **training_settings(cfg, env, framework)}
+            "accelerate_distributed_type": distributed_type}
 
 
 def run(args: BenchArgs) -> BenchReport:
     result = run_workers(worker, args)
-    times = result.pop("step_times")
-    batch = result["global_batch_size"]
-    rows = timing_rows(times, {FRAMEWORK: batch, ACCELERATE: batch}, result["tokens_per_sample"])
-    return BenchReport(
-        "accelerate", {**result, "args": args.to_json()}, rows, TIMING_COLUMNS,
-        ratios={f"step time {FRAMEWORK}/{ACCELERATE}": ratio_summary(
-            round_medians(times[FRAMEWORK]), round_medians(times[ACCELERATE]))},
-        notes=[f"{args.nproc} worker(s) x {result['threads']} thread(s), {result['precision']}, "
-               f"global batch {batch}, accelerate {result['accelerate_version']} "
-               f"({result['accelerate_distributed_type']}); parameters after the run differ by "
-               f"at most {result['max_param_diff']:.2g}",
-               f"host syncs (tensor value reads) per step: {result['host_syncs_per_step']}"])
+    return head_to_head_report(
+        args, result, ACCELERATE, f", accelerate {result['accelerate_version']} "
+        f"({result['accelerate_distributed_type']})")
