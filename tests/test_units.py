@@ -145,3 +145,18 @@ def test_compile_trains_like_eager(tmp_path: Path) -> None:
     assert compiled["params"].keys() == eager["params"].keys()  # checkpoints stay compatible
     for step, loss in eager["losses"].items():
         assert compiled["losses"][step] == pytest.approx(loss, rel=1e-4)
+
+
+def test_progress_bar_only_on_a_tty(tmp_path: Path) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    for stream in (tty, pipe):
+        logger = MetricsLogger(tmp_path, LogConfig(progress="auto"), 10, stream=stream)
+        logger.bar(10, 1.5)
+        logger.log({"step": 10, "loss": 1.5})
+        logger.close()
+    assert tty.getvalue().startswith("\r[") and "10/10 loss 1.5000" in tty.getvalue()
+    assert pipe.getvalue() == "step 10 loss 1.5\n"
