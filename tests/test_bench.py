@@ -130,7 +130,7 @@ def test_table_shows_contenders_and_ratios() -> None:
 
 def test_registry_and_parser() -> None:
     names = [b.name for b in BENCHMARKS]
-    assert names == ["overhead", "accelerate", "allreduce", "scaling"]
+    assert names == ["overhead", "accelerate", "allreduce", "scaling", "strategies", "checkpoint"]
     assert all(callable(load_runner(b)) for b in BENCHMARKS)
     with pytest.raises(ConfigError):
         get_benchmark("nope")
@@ -255,3 +255,199 @@ def test_cli_writes_table_and_json(tmp_path: Path) -> None:
     assert json.loads(out.read_text())["benchmark"] == "overhead"
     bad = cli("bench", "allreduce", "--nproc", "1", *TINY)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --nproc=1")
+
+
+# --- bench strategies ------------------------------------------------------------------------
+
+STRATEGY_ROWS = [f"{s} {d}" for s in ("ddp", "fsdp", "none") for d in ("fp32", "bf16", "fp16")]
+
+
+def test_strategies_is_registered_and_refuses_compression() -> None:
+    bench = get_benchmark("strategies")
+    assert (bench.nproc, bench.min_nproc) == (2, 2) and callable(load_runner(bench))
+    for argv, key in ((["bench", "strategies", "parallel.grad_compression=bf16"],
+                       "parallel.grad_compression"),
+                      (["bench", "strategies", "--nproc", "1"], "--nproc")):
+        args = build_parser().parse_args(argv)
+        with pytest.raises(ConfigError) as e:
+            args.func(args)
+        assert e.value.key == key
+
+
+def test_strategies_counts_local_tensor_bytes() -> None:
+    from dist_train.bench.strategies import _bucket_bytes, _grad_bytes, _optim_bytes
+
+    model = torch.nn.Linear(10, 4)  # 44 fp32 parameters: 176 bytes
+    opt = torch.optim.AdamW(model.parameters())
+    assert _grad_bytes(opt) == 0 and _optim_bytes(opt) == 0  # nothing before the first step
+    model(torch.randn(3, 10)).sum().backward()
+    assert _grad_bytes(opt) == 176
+    opt.step()
+    # Two moments per parameter, plus Adam's scalar step counter per tensor.
+    assert _optim_bytes(opt) == 2 * 176 + 2 * torch.zeros(()).element_size()
+    assert _bucket_bytes(model) == 0  # only DDP keeps buckets
+
+
+@pytest.mark.distributed
+def test_smoke_strategies() -> None:
+    data = smoke("strategies", 2)
+    assert [r["name"] for r in data["results"]] == STRATEGY_ROWS
+    rows = {r["name"]: r for r in data["results"]}
+    for name, row in rows.items():
+        workers = 1 if name.startswith("none") else 2
+        assert (row["workers"], row["samples_per_step"]) == (workers, 16), name
+        for key in ("step_time_s", "samples_per_sec", "tokens_per_sec", "step_time_vs_base"):
+            assert all(_finite_positive(row[key][k]) for k in ("median", "q1", "q3", "min", "max"))
+        assert [len(r) for r in row["step_times_s"]] == [2, 2]  # rounds x steps
+        assert len(row["step_time_vs_base"]["per_round"]) == 2
+        assert _finite_positive(row["state_bytes"]) and _finite_positive(row["state_vs_base"])
+        assert len(row["memory_per_rank"]) == workers  # `none` lives on rank 0 only
+        for rank in row["memory_per_rank"]:
+            assert all(_finite_positive(rank[k]) for k in ("params_bytes", "grads_bytes",
+                                                           "optim_bytes", "state_bytes"))
+            assert rank["cuda_peak_bytes"] is None  # CPU: no allocator statistics
+            assert (rank["ddp_bucket_bytes"] > 0) == name.startswith("ddp")
+    assert rows["ddp fp32"]["step_time_vs_base"]["per_round"] == [1.0, 1.0]
+    for dtype in ("fp32", "bf16", "fp16"):
+        ddp, fsdp, none = (rows[f"{s} {dtype}"] for s in ("ddp", "fsdp", "none"))
+        assert fsdp["state_bytes"] < ddp["state_bytes"]  # sharded over 2 ranks
+        # Parameters: FSDP holds about half (shards of uneven tensors may round up).
+        params = [r["memory_per_rank"][0]["params_bytes"] for r in (ddp, fsdp, none)]
+        assert params[0] == params[2] and params[1] <= 0.6 * params[0]
+    assert data["settings"]["dtypes"] == ["fp32", "bf16", "fp16"]
+    for key in ("parameters", "global_batch_size", "micro_batch_size", "tokens_per_sample"):
+        assert _finite_positive(data["settings"][key]), key
+
+
+# --- bench checkpoint ------------------------------------------------------------------------
+
+CKPT_PARAMS = "300000"  # 1.2 MB of state: every phase takes milliseconds
+CKPT_ROWS = ["dcp save (sync)", "dcp async save: blocking", "dcp async save: total",
+             "raw write+fsync", "raw new file+fsync+rename", "torch.save+fsync",
+             "memcopy (clone)", "memcopy (into buffer)",
+             "dcp load", "torch.load", "raw read", "slow dcp save (sync)",
+             "slow dcp async save: blocking", "slow dcp async save: total", "train",
+             "train + bg save"]
+
+
+@pytest.mark.parametrize(("name", "value"), [("DIST_TRAIN_BENCH_CKPT_PARAMS", "abc"),
+                                             ("DIST_TRAIN_BENCH_CKPT_PARAMS", "0"),
+                                             ("DIST_TRAIN_BENCH_CKPT_PARAMS", "1e15"),
+                                             ("DIST_TRAIN_BENCH_CKPT_SLOW_MBPS", "-5")])
+def test_checkpoint_sizes_are_checked_in_the_parent(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                    value: str) -> None:
+    bench = get_benchmark("checkpoint")
+    assert (bench.nproc, bench.steps) == (1, 1) and callable(load_runner(bench))
+    monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(["bench", "checkpoint"])
+    with pytest.raises(ConfigError) as e:  # 1e15 parameters: more memory than the machine
+        args.func(args)
+    assert e.value.key == name
+
+
+def test_checkpoint_state_is_sized_by_parameters() -> None:
+    from dist_train.bench.ckpt_io import linear_stack
+
+    assert sum(p.numel() for p in linear_stack(10**8).parameters()) == 24 * 2048**2
+    small = linear_stack(300_000)
+    assert len(small) == 1 and small[0].weight.shape == (547, 547)
+
+
+def test_throttled_stream_paces_writes() -> None:
+    import io
+
+    from dist_train.bench.ckpt_io import ThrottledStream
+
+    now, slept = [0.0], []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    buf = io.BytesIO()
+    stream = ThrottledStream(buf, rate=100.0, clock=lambda: now[0], sleep=sleep)
+    assert stream.write(b"x" * 50) == 50 and sum(slept) == pytest.approx(0.5)
+    now[0] += 2.0  # busy elsewhere: the next 100 bytes were due at 1.5 s already
+    stream.write(b"y" * 100)
+    assert sum(slept) == pytest.approx(0.5)
+    stream.write(memoryview(torch.zeros(100).numpy()))  # counted in bytes (400), not items
+    assert sum(slept) == pytest.approx(0.5 + 3.0) and stream.tell() == 550 == stream.written
+
+
+def test_throttle_patches_dcp_writes_under_its_root_only(tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    from dist_train.bench.ckpt_io import ThrottledStream, throttle_dcp_writes
+
+    fs, slow = FileSystem(), tmp_path / "slow"
+    slow.mkdir()
+    with throttle_dcp_writes(slow, 1e12):
+        with fs.create_stream(slow / "a", "wb") as s:
+            assert isinstance(s, ThrottledStream)
+            s.write(b"abc")
+        for path, mode in ((tmp_path / "b", "wb"), (slow / "a", "rb")):
+            with fs.create_stream(path, mode) as s:
+                assert not isinstance(s, ThrottledStream)
+    assert (slow / "a").read_bytes() == b"abc"
+    with fs.create_stream(slow / "c", "wb") as s:  # restored on exit
+        assert not isinstance(s, ThrottledStream)
+
+
+def test_plain_files_round_trip_and_split_shares(tmp_path: Path) -> None:
+    from dist_train.bench.ckpt_io import PlainFiles
+
+    tensors = {f"w{i}": torch.randn(3, 4) for i in range(3)}
+    files = PlainFiles(tmp_path, tensors, CPU1)
+    files.raw_write(replace=True)
+    files.torch_save()
+    files.raw_read()
+    flat = torch.cat([tensors[k].flatten() for k in sorted(tensors)])
+    assert torch.equal(files.scratch.view(torch.float32), flat)  # the share is sorted by name
+    files.torch_load()
+    assert all(torch.equal(files._held[0][k], t) for k, t in tensors.items())
+    files.release()
+    files.copy_into_buffer()
+    assert files.bytes_written()["raw"] == 3 * 12 * 4 and not list(tmp_path.glob("*.tmp"))
+    second = PlainFiles(tmp_path, tensors, DistEnv(1, 1, 2, 2, torch.device("cpu"), "gloo"))
+    assert list(second.share) == ["w1"]  # rank 1 of 2 writes every other tensor
+
+
+def smoke_checkpoint(monkeypatch: pytest.MonkeyPatch, nproc: int) -> dict[str, Any]:
+    """--steps 1 --warmup 0 --repeats 2: loads still find files to read (written first)."""
+    monkeypatch.setenv("DIST_TRAIN_BENCH_CKPT_PARAMS", CKPT_PARAMS)
+    args = BenchArgs("checkpoint", QUICKSTART, TINY, nproc=nproc, steps=1, warmup=0, repeats=2,
+                     threads=1)
+    report = load_runner(get_benchmark("checkpoint"))(args)
+    data = report.to_json()
+    assert format_table(report).startswith("== bench checkpoint ==")
+    assert [r["name"] for r in data["results"]] == CKPT_ROWS
+    for row in data["results"]:
+        assert all(_finite_positive(row["time_s"][k]) for k in ("median", "q1", "q3", "min"))
+        assert len(row["time_s_per_round"]) == 2
+        assert (row["rate"] == "") == ("blocking" in row["name"])  # a rate for all but these
+        for key in ("GBps", "steps_per_sec"):
+            if key in row:
+                assert _finite_positive(row[key]["median"]), (row["name"], key)
+    assert len(data["ratios"]) == 6
+    for label, ratio in data["ratios"].items():
+        assert all(_finite_positive(ratio[k]) for k in ("median", "q1", "q3", "ratio_of_medians"))
+        assert len(ratio["per_round"]) == 2, label
+    s = data["settings"]
+    assert (s["world_size"], s["threads"], s["args"]["nproc"]) == (nproc, 1, nproc)
+    assert s["raw_bytes_written"] == s["state_bytes"] == 4 * s["params"]
+    assert s["dcp_bytes_written"] > s["state_bytes"] < s["torch_save_bytes_written"]
+    assert s["train_window_steps"] >= 2 and s["slow_state_bytes"] <= s["state_bytes"]
+    assert data["notes"][-1].startswith("targets")
+    return data
+
+
+def test_smoke_checkpoint_one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = smoke_checkpoint(monkeypatch, 1)
+    assert list(data["settings"]["dcp_files_bytes"]).count("__0_0.distcp") == 1
+
+
+@pytest.mark.distributed
+def test_smoke_checkpoint_two_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = smoke_checkpoint(monkeypatch, 2)
+    files = set(data["settings"]["dcp_files_bytes"])
+    assert {"rng/rank_0.pt", "rng/rank_1.pt", ".metadata", "__0_0.distcp", "__1_0.distcp"} <= files

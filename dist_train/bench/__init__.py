@@ -49,6 +49,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               "dist_train.bench.allreduce:run", nproc=2, min_nproc=2, steps=10, warmup=3),
     Benchmark("scaling", "samples/s at 1 and N workers with the same per-worker batch",
               "dist_train.bench.scaling:run", nproc=2, min_nproc=2),
+    # 9 contenders, fp16 on CPU about 10x fp32: fewer, shorter rounds keep it near 2 minutes.
+    Benchmark("strategies", "none/ddp/fsdp x fp32/bf16/fp16: step time, samples/s, memory per "
+              "rank vs DDP fp32", "dist_train.bench.strategies:run", nproc=2, min_nproc=2,
+              check="dist_train.bench.strategies:check_config", steps=5, warmup=2, repeats=6),
+    # A save is one operation of a second or so: one per contender per round.
+    Benchmark("checkpoint", "Checkpointer save/async/load GB/s vs raw files, torch.save/load, "
+              "memcopy, slow storage, training during a save", "dist_train.bench.checkpoint_bench:run",
+              check="dist_train.bench.checkpoint_bench:check_config", steps=1, warmup=1, repeats=8),
 )
 
 

@@ -144,6 +144,12 @@ def _worker_main(fn: Worker, args: BenchArgs, rank: int, port: int) -> None:
         sys.exit(1)
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result))
+    # Skip interpreter teardown: after many trainers (DDP/FSDP, gloo groups) in one process,
+    # a C++ destructor at exit aborts now and then ("terminate called without an active
+    # exception", torch 2.13) although the group is already destroyed and the result written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _wait(procs: list[Any], deadline: float) -> None:

@@ -80,15 +80,19 @@ class Checkpointer:
         self.root = Path(cfg.train.run_dir) / "checkpoints"
         # Background saves talk on their own gloo group: sharing the training group would let
         # the save's collectives interleave with the loop's (a deadlock or a wrong result).
-        self.group = dist.new_group(backend="gloo") if env.is_distributed else None
+        # Synchronous saves block the loop, so they use the training group (None = default).
+        async_group = env.is_distributed and cfg.checkpoint.enabled and cfg.checkpoint.async_save
+        self.group = dist.new_group(backend="gloo") if async_group else None
         self._pending: tuple[Future[Any], TrainState, Path] | None = None
 
     def _state(self) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd, "precision": self.precision.state_dict()}
 
-    def _dcp_kwargs(self) -> dict[str, Any]:
-        return {"process_group": self.group} if self.env.is_distributed else {"no_dist": True}
+    def _dcp_kwargs(self, background: bool = False) -> dict[str, Any]:
+        if not self.env.is_distributed:
+            return {"no_dist": True}
+        return {"process_group": self.group if background else None}
 
     def save(self, state: TrainState, blocking: bool) -> None:
         """Sync: returns once committed. Async: returns once the state is copied in memory."""
@@ -106,7 +110,8 @@ class Checkpointer:
             self._commit(state, tmp)
         else:
             with single_process_quiet():
-                future = dcp.async_save(self._state(), checkpoint_id=tmp, **self._dcp_kwargs())
+                future = dcp.async_save(self._state(), checkpoint_id=tmp,
+                                        **self._dcp_kwargs(background=True))
             self._pending = (future, TrainState(state.step, state.samples_seen), tmp)  # type: ignore[assignment]
 
     def poll(self) -> None:
@@ -163,10 +168,13 @@ class Checkpointer:
 
     def _barrier(self) -> None:
         if self.env.is_distributed:
-            dist.barrier(group=self.group)
+            dist.barrier()  # on the training thread, like every save starts
 
     def close(self) -> None:
+        """Finish a pending save, then let go of the model: a DDP wrapper still referenced here
+        would outlive the process group, which aborts the process now and then (gloo)."""
         self.wait()
+        self.model = self.optimizer = None  # type: ignore[assignment]
         if self.group is not None:
             dist.destroy_process_group(self.group)
             self.group = None
