@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dist_train import checkpoint as ckpt_module
 from dist_train.checkpoint.export import load_model_weights
-from dist_train.checkpoint.files import check_shapes, complete_checkpoints
+from dist_train.checkpoint.files import check_shapes, complete_checkpoints, has_optimizer_state
 from dist_train.config import load_config
 from dist_train.data import build_data
 from dist_train.errors import ConfigError
@@ -189,3 +189,13 @@ def test_bad_checkpoint_input_is_one_line_exit_2(tmp_path: Path) -> None:
     assert snapshot(run_dir) == before  # nothing else in the run directory touched
     proc = cli("export", str(run_dir), "--out", "/proc/not-writable/model.safetensors")
     assert proc.returncode == 2 and proc.stderr.startswith("error: --out=")
+
+
+def test_stateless_optimizer_saves_no_optimizer_state_and_resumes_exactly(tmp_path: Path) -> None:
+    run = [*RUN, "optim.name=sgd", "optim.momentum=0.0", "optim.lr=0.05"]
+    full = train_in_process([*run, f"train.run_dir={tmp_path}/full"])
+    train_in_process([*run, f"train.run_dir={tmp_path}/cut"], stop_at=10)
+    step10 = complete_checkpoints(tmp_path / "cut/checkpoints")[0]
+    assert not has_optimizer_state(step10)  # plain SGD: nothing to save, no fake step taken
+    resumed = train_in_process([*run, f"train.run_dir={tmp_path}/cut"])
+    assert steps(resumed, 11) == steps(full, 11)

@@ -22,7 +22,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from dist_train.checkpoint.files import (
     MANIFEST,
@@ -31,6 +36,7 @@ from dist_train.checkpoint.files import (
     check_shapes,
     complete_checkpoints,
     fsync_dir,
+    has_optimizer_state,
     manifest_for,
     read_manifest,
     single_process_quiet,
@@ -85,9 +91,18 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo") if async_group else None
         self._pending: tuple[Future[Any], TrainState, Path] | None = None
 
-    def _state(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd, "precision": self.precision.state_dict()}
+    def _state(self, with_optimizer: bool) -> dict[str, Any]:
+        state = {"model": get_model_state_dict(self.model),
+                 "precision": self.precision.state_dict()}
+        if with_optimizer:
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
+        return state
+
+    def _saves_optimizer(self) -> bool:
+        """A stateless optimizer (SGD without momentum) has nothing to save, and asking DCP for
+        its state dict would run a zero-lr optimizer step over model-sized zero gradients
+        on every save (torch initializes empty optimizer state that way)."""
+        return bool(self.optimizer.state)
 
     def _dcp_kwargs(self, background: bool = False) -> dict[str, Any]:
         if not self.env.is_distributed:
@@ -106,11 +121,12 @@ class Checkpointer:
         torch.save(rng_state(), tmp / "rng" / f"rank_{self.env.rank}.pt")
         if blocking or not self.cfg.checkpoint.async_save:
             with single_process_quiet():
-                dcp.save(self._state(), checkpoint_id=tmp, **self._dcp_kwargs())
+                dcp.save(self._state(self._saves_optimizer()), checkpoint_id=tmp,
+                         **self._dcp_kwargs())
             self._commit(state, tmp)
         else:
             with single_process_quiet():
-                future = dcp.async_save(self._state(), checkpoint_id=tmp,
+                future = dcp.async_save(self._state(self._saves_optimizer()), checkpoint_id=tmp,
                                         **self._dcp_kwargs(background=True))
             self._pending = (future, TrainState(state.step, state.samples_seen), tmp)  # type: ignore[assignment]
 
@@ -150,15 +166,16 @@ class Checkpointer:
         manifest = read_manifest(path)
         check_compatible(self.cfg, manifest, path)
         check_files(manifest, path)
-        current = self._state()
+        current = self._state(with_optimizer=has_optimizer_state(path))
         check_shapes(current, path)
         try:
             with single_process_quiet():
                 dcp.load(current, checkpoint_id=path, **self._dcp_kwargs())
         except (Exception, CheckpointException) as e:  # DCP raises it on every rank alike
             raise ConfigError("resume", str(path), f"cannot read checkpoint ({_first_line(e)})") from None
-        set_state_dict(self.model, self.optimizer, model_state_dict=current["model"],
-                       optim_state_dict=current["optim"])
+        set_model_state_dict(self.model, current["model"])
+        if "optim" in current:
+            set_optimizer_state_dict(self.model, self.optimizer, current["optim"])
         self.precision.load_state_dict(current["precision"])
         state.step, state.samples_seen = manifest["step"], manifest["samples_seen"]
         # RNG streams are per rank; with another world size they cannot map one to one (the data

@@ -131,13 +131,21 @@ def check_files(manifest: dict[str, Any], path: Path) -> None:
                               f"corrupted checkpoint: {name} has {actual} bytes, expected {size}")
 
 
+def read_tensor_metadata(path: Path) -> dict[str, Any]:
+    try:
+        return FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise ConfigError("resume", str(path), f"unreadable checkpoint metadata ({e})") from None
+
+
+def has_optimizer_state(path: Path) -> bool:
+    return any(key.startswith("optim.") for key in read_tensor_metadata(path))
+
+
 def check_shapes(state: dict[str, Any], path: Path) -> None:
     """Compare the model's tensors with the checkpoint's metadata, locally on every rank, so a
     mismatch is an error on all of them before DCP's collectives start (never a hang)."""
-    try:
-        saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as e:
-        raise ConfigError("resume", str(path), f"unreadable checkpoint metadata ({e})") from None
+    saved = read_tensor_metadata(path)
     problems = []
     for name, tensor in state["model"].items():
         meta = saved.get(f"model.{name}")
