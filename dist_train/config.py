@@ -108,7 +108,8 @@ class CheckpointConfig:
     every_steps: int = 0  # also save every N steps (0: only at the end)
     keep_last: int = 2  # complete checkpoints kept; older ones go only once a newer is complete
     # Also accepted as `checkpoint.async`: training blocks only while the state is copied in
-    # memory; files are written in the background (DCP async_save on its own gloo group).
+    # memory; files are written in the background (DCP async_save on its own gloo group). The
+    # copy is kept between saves: one extra CPU copy of the state for the whole run.
     async_save: bool = False
 
 

@@ -323,9 +323,10 @@ def test_smoke_strategies() -> None:
 
 CKPT_PARAMS = "300000"  # 1.2 MB of state: every phase takes milliseconds
 CKPT_ROWS = ["dcp save (sync)", "dcp async save: blocking", "dcp async save: total",
-             "raw write+fsync", "raw new file+fsync+rename", "torch.save+fsync",
-             "memcopy (clone)", "memcopy (into buffer)",
-             "dcp load", "torch.load", "raw read", "slow dcp save (sync)",
+             "raw write+fsync (new file)", "raw write+fsync (in place)",
+             "torch.save+fsync (new file)", "memcopy (clone)", "memcopy (into buffer)",
+             "dcp load", "torch.load", "torch.load+load_state_dict", "raw read",
+             "slow dcp save (sync)",
              "slow dcp async save: blocking", "slow dcp async save: total", "train",
              "train + bg save"]
 
@@ -393,23 +394,34 @@ def test_throttle_patches_dcp_writes_under_its_root_only(tmp_path: Path) -> None
         assert not isinstance(s, ThrottledStream)
 
 
-def test_plain_files_round_trip_and_split_shares(tmp_path: Path) -> None:
+def test_plain_files_round_trip_retention_and_split_shares(tmp_path: Path) -> None:
     from dist_train.bench.ckpt_io import PlainFiles
 
-    tensors = {f"w{i}": torch.randn(3, 4) for i in range(3)}
-    files = PlainFiles(tmp_path, tensors, CPU1)
-    files.raw_write(replace=True)
-    files.torch_save()
-    files.raw_read()
+    model = torch.nn.Sequential(*(torch.nn.Linear(4, 3, bias=False) for _ in range(3)))
+    tensors = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    files = PlainFiles(tmp_path, model, CPU1, keep=2)
+    for _ in range(3):  # new files each save; only the newest `keep` stay
+        files.raw_write()
+        files.torch_save()
+    files.raw_write(in_place=True)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["inplace_rank0.bin", "pt_rank0_000003.bin", "pt_rank0_000005.bin",
+                     "raw_rank0_000002.bin", "raw_rank0_000004.bin"]
+    files.raw_read()  # the newest raw file
     flat = torch.cat([tensors[k].flatten() for k in sorted(tensors)])
     assert torch.equal(files.scratch.view(torch.float32), flat)  # the share is sorted by name
     files.torch_load()
     assert all(torch.equal(files._held[0][k], t) for k, t in tensors.items())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    files.torch_load(into_model=True)  # what a resume does: back into the model
+    assert all(torch.equal(model.state_dict()[k], t) for k, t in tensors.items())
     files.release()
     files.copy_into_buffer()
-    assert files.bytes_written()["raw"] == 3 * 12 * 4 and not list(tmp_path.glob("*.tmp"))
-    second = PlainFiles(tmp_path, tensors, DistEnv(1, 1, 2, 2, torch.device("cpu"), "gloo"))
-    assert list(second.share) == ["w1"]  # rank 1 of 2 writes every other tensor
+    assert files.bytes_written() == {"raw": 3 * 12 * 4, "torch.save": files.path("pt", 0).stat().st_size}
+    second = PlainFiles(tmp_path, model, DistEnv(1, 1, 2, 2, torch.device("cpu"), "gloo"))
+    assert list(second.share) == ["1.weight"]  # rank 1 of 2 writes every other tensor
 
 
 def smoke_checkpoint(monkeypatch: pytest.MonkeyPatch, nproc: int) -> dict[str, Any]:
@@ -428,7 +440,7 @@ def smoke_checkpoint(monkeypatch: pytest.MonkeyPatch, nproc: int) -> dict[str, A
         for key in ("GBps", "steps_per_sec"):
             if key in row:
                 assert _finite_positive(row[key]["median"]), (row["name"], key)
-    assert len(data["ratios"]) == 6
+    assert len(data["ratios"]) == 8
     for label, ratio in data["ratios"].items():
         assert all(_finite_positive(ratio[k]) for k in ("median", "q1", "q3", "ratio_of_medians"))
         assert len(ratio["per_round"]) == 2, label

@@ -5,6 +5,7 @@ a rate-limited DCP writer that emulates slow storage, and a timing loop for whol
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import os
 import time
@@ -20,6 +21,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 
 from dist_train.bench.harness import BenchArgs, max_over_ranks
 from dist_train.bench.stats import interleaved_order
+from dist_train.checkpoint.files import fsync_dir
 from dist_train.env import DistEnv
 
 Figures = dict[str, float]
@@ -89,68 +91,88 @@ def evict(paths: Sequence[Path]) -> None:
             os.close(fd)
 
 
-@contextmanager
-def _written(path: Path, replace: bool = False, buffering: int = -1) -> Iterator[Any]:
-    """`path` opened for writing, fsynced once written: truncated and written over, or with
-    `replace`, written as `path.tmp` and renamed over `path` (the old file stays whole until the
-    new one is complete, as a crash-safe save needs)."""
-    tmp = path.with_name(path.name + ".tmp") if replace else path
-    with open(tmp, "wb", buffering=buffering) as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    if replace:
-        os.replace(tmp, path)
-
-
 class PlainFiles:
-    """The same tensors through plain files, the baselines: each rank writes its share (what
-    DCP writes too: replicated tensors once over all ranks) raw or with torch.save, + fsync;
-    every rank reads all shares back, as every rank reads the whole state on resume. Files are
-    written over in place (the disk's limit); `raw_write(replace=True)` writes a new file and
-    renames it over the old one, as a crash-safe save must (the Checkpointer too: a new folder
-    per save, older ones deleted after): it shows what that pattern costs on this disk."""
+    """The same tensors through plain files, the baselines. Each rank writes its share (what DCP
+    writes too: replicated tensors once over all ranks), raw or with torch.save, + fsync; every
+    rank reads all shares back, as every rank reads the whole state on resume.
 
-    def __init__(self, root: Path, tensors: Mapping[str, torch.Tensor], env: DistEnv) -> None:
+    A save writes a new file and then deletes the one from `keep` saves ago: the lifecycle of a
+    checkpoint that never loses the previous one (the Checkpointer's too: a new folder per save,
+    older ones deleted once it is complete), so that every contender allocates and frees disk
+    blocks alike. `raw_write(in_place=True)` truncates and rewrites one file instead: the disk's
+    best case, which no crash-safe save can use."""
+
+    def __init__(self, root: Path, model: nn.Module, env: DistEnv, keep: int = 1) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        self.root, self.env = root, env
-        self.tensors = {k: t.detach() for k, t in tensors.items()}
+        self.root, self.model, self.env, self.keep = root, model, env, keep
+        self.tensors = {k: t.detach() for k, t in model.state_dict().items()}
         names = sorted(self.tensors)  # the same split on every rank
         self.share = {n: self.tensors[n] for n in names[env.rank::env.world_size]}
         # One preallocated buffer of the whole state: copies and raw reads land here, so that
         # their figures are memory and disk speed, not page faults of fresh allocations.
         self.scratch = torch.empty(sum(t.nbytes for t in self.tensors.values()), dtype=torch.uint8)
         self._held: list[Any] = []  # results kept until after the timer, freed untimed
+        # Save numbers per kind; every rank runs the same operations in the same order, so the
+        # newest number of a kind is the same on all ranks.
+        self._saves: dict[str, list[int]] = {"raw": [], "pt": []}
+        self._count = itertools.count()
 
-    def raw_path(self, rank: int) -> Path:
-        return self.root / f"raw_rank{rank}.bin"
+    def path(self, kind: str, rank: int, save: int | None = None) -> Path:
+        """A rank's file of the newest save of this kind, or of save number `save`."""
+        number = self._saves[kind][-1] if save is None else save
+        return self.root / f"{kind}_rank{rank}_{number:06d}.bin"
 
-    def pt_path(self, rank: int) -> Path:
-        return self.root / f"torch_rank{rank}.pt"
+    def all_files(self, kind: str) -> list[Path]:
+        return [self.path(kind, r) for r in range(self.env.world_size)]
 
-    def all_files(self, kind: Callable[[int], Path]) -> list[Path]:
-        return [kind(r) for r in range(self.env.world_size)]
+    @contextmanager
+    def _new_file(self, kind: str, buffering: int = -1) -> Iterator[Any]:
+        """A new file for this rank's share, fsynced (and its folder entry) once written; then
+        the file from `keep` saves ago goes."""
+        number = next(self._count)
+        path = self.path(kind, self.env.rank, number)
+        with open(path, "wb", buffering=buffering) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(self.root)
+        self._saves[kind].append(number)
+        for old in self._saves[kind][:-self.keep]:
+            self.path(kind, self.env.rank, old).unlink()
+        del self._saves[kind][:-self.keep]
 
-    def raw_write(self, replace: bool = False) -> None:
-        with _written(self.raw_path(self.env.rank), replace, buffering=0) as f:
-            for t in self.share.values():
-                view = memoryview(t.numpy()).cast("B")  # the tensor's own memory: no copy
-                while view:
-                    view = view[f.write(view):]
+    def _write_share(self, f: Any) -> None:
+        for t in self.share.values():
+            view = memoryview(t.numpy()).cast("B")  # the tensor's own memory: no copy
+            while view:
+                view = view[f.write(view):]
+
+    def raw_write(self, in_place: bool = False) -> None:
+        if not in_place:
+            with self._new_file("raw", buffering=0) as f:
+                self._write_share(f)
+            return
+        with open(self.root / f"inplace_rank{self.env.rank}.bin", "wb", buffering=0) as f:
+            self._write_share(f)
+            os.fsync(f.fileno())
 
     def torch_save(self) -> None:
-        with _written(self.pt_path(self.env.rank)) as f:
+        with self._new_file("pt") as f:
             torch.save(self.share, f)
 
     def raw_read(self) -> None:
         view, offset = memoryview(self.scratch.numpy()), 0
-        for path in self.all_files(self.raw_path):
+        for path in self.all_files("raw"):
             with open(path, "rb", buffering=0) as f:
                 while n := f.readinto(view[offset:]):
                     offset += n
 
-    def torch_load(self) -> None:
-        self._held = [torch.load(p, weights_only=True) for p in self.all_files(self.pt_path)]
+    def torch_load(self, into_model: bool = False) -> None:
+        """torch.load of every share; with `into_model`, what a resume does with them: the
+        model's `load_state_dict` (a copy into its parameters)."""
+        self._held = [torch.load(p, weights_only=True) for p in self.all_files("pt")]
+        if into_model:
+            self.model.load_state_dict({k: v for share in self._held for k, v in share.items()})
 
     def clone(self) -> None:
         """What a snapshot for a background save needs at least: a copy of every tensor."""
@@ -167,8 +189,8 @@ class PlainFiles:
         self._held = []
 
     def bytes_written(self) -> dict[str, int]:
-        return {"raw": sum(p.stat().st_size for p in self.all_files(self.raw_path)),
-                "torch.save": sum(p.stat().st_size for p in self.all_files(self.pt_path))}
+        return {"raw": sum(p.stat().st_size for p in self.all_files("raw")),
+                "torch.save": sum(p.stat().st_size for p in self.all_files("pt"))}
 
 
 def _nothing() -> None:

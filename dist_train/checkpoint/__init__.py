@@ -22,12 +22,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor
 
 from dist_train.checkpoint.files import (
     MANIFEST,
@@ -41,6 +43,7 @@ from dist_train.checkpoint.files import (
     read_manifest,
     single_process_quiet,
 )
+from dist_train.checkpoint.reader import ThreadedFileSystemReader
 from dist_train.config import RunConfig
 from dist_train.env import DistEnv
 from dist_train.errors import ConfigError
@@ -71,6 +74,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _local_ptr(t: torch.Tensor) -> int:
+    return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
+
+
+def _loaded_in_place(loaded: dict[str, Any], model: nn.Module) -> bool:
+    """DCP loads into the tensors it is given; those of `get_model_state_dict` are the model's
+    own (parameters and buffers, sharded or not), and then copying them into the model again
+    would only cost a pass over the whole state. Any other value (a copy, extra state) needs it."""
+    own = {_local_ptr(t) for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
+    return all(isinstance(v, torch.Tensor) and _local_ptr(v) in own for v in loaded.values())
+
+
 def _first_line(error: BaseException) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(error).__name__
@@ -89,6 +104,13 @@ class Checkpointer:
         # Synchronous saves block the loop, so they use the training group (None = default).
         async_group = env.is_distributed and cfg.checkpoint.enabled and cfg.checkpoint.async_save
         self.group = dist.new_group(backend="gloo") if async_group else None
+        # One stager for the whole run: it keeps the staging copy's memory between saves, so a
+        # background save blocks for a copy into memory already there (page-locked on CUDA),
+        # not for allocating and faulting in a fresh copy of the state every time. Staging runs
+        # on the training thread: the optimizer cannot touch the state before the copy is done.
+        self._stager = DefaultStager(StagingOptions(
+            use_pinned_memory=env.device.type == "cuda", use_shared_memory=False,
+            use_async_staging=False, use_non_blocking_copy=False)) if cfg.checkpoint.async_save else None
         self._pending: tuple[Future[Any], TrainState, Path] | None = None
 
     def _state(self, with_optimizer: bool) -> dict[str, Any]:
@@ -127,6 +149,7 @@ class Checkpointer:
         else:
             with single_process_quiet():
                 future = dcp.async_save(self._state(self._saves_optimizer()), checkpoint_id=tmp,
+                                        async_stager=self._stager,
                                         **self._dcp_kwargs(background=True))
             self._pending = (future, TrainState(state.step, state.samples_seen), tmp)  # type: ignore[assignment]
 
@@ -170,10 +193,12 @@ class Checkpointer:
         check_shapes(current, path)
         try:
             with single_process_quiet():
-                dcp.load(current, checkpoint_id=path, **self._dcp_kwargs())
+                dcp.load(current, storage_reader=ThreadedFileSystemReader(path),
+                         **self._dcp_kwargs())
         except (Exception, CheckpointException) as e:  # DCP raises it on every rank alike
             raise ConfigError("resume", str(path), f"cannot read checkpoint ({_first_line(e)})") from None
-        set_model_state_dict(self.model, current["model"])
+        if not _loaded_in_place(current["model"], self.model):
+            set_model_state_dict(self.model, current["model"])
         if "optim" in current:
             set_optimizer_state_dict(self.model, self.optimizer, current["optim"])
         self.precision.load_state_dict(current["precision"])
@@ -192,6 +217,9 @@ class Checkpointer:
         would outlive the process group, which aborts the process now and then (gloo)."""
         self.wait()
         self.model = self.optimizer = None  # type: ignore[assignment]
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
         if self.group is not None:
             dist.destroy_process_group(self.group)
             self.group = None
