@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from dist_train.checkpoint.files import (
     MANIFEST,
+    QUIET_MESSAGE,
     check_compatible,
     check_files,
     check_shapes,
@@ -104,6 +106,12 @@ class Checkpointer:
         # Synchronous saves block the loop, so they use the training group (None = default).
         async_group = env.is_distributed and cfg.checkpoint.enabled and cfg.checkpoint.async_save
         self.group = dist.new_group(backend="gloo") if async_group else None
+        if cfg.checkpoint.async_save and not env.is_distributed:
+            # DCP's background thread warns on every single-process save that it "assumes" one
+            # process (we said so: no_dist=True), after any `catch_warnings` here has exited.
+            # Thread-safe scoping of a filter does not exist before Python 3.14: drop it for
+            # the process.
+            warnings.filterwarnings("ignore", message=QUIET_MESSAGE)
         # One stager for the whole run: it keeps the staging copy's memory between saves, so a
         # background save blocks for a copy into memory already there (page-locked on CUDA),
         # not for allocating and faulting in a fresh copy of the state every time. Staging runs

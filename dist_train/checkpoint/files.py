@@ -25,6 +25,7 @@ from dist_train.errors import ConfigError
 from dist_train.parallel import resolve_strategy
 
 MANIFEST = "manifest.json"
+QUIET_MESSAGE = "torch.distributed is disabled"  # DCP's warning when told no_dist=True
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings a run cannot change when it resumes: they define the model or the data stream.
 # Everything else (max_steps, log and eval intervals, micro-batch, lr ...) may change.
@@ -165,7 +166,7 @@ def check_shapes(state: dict[str, Any], path: Path) -> None:
 def single_process_quiet() -> Iterator[None]:
     """DCP warns that it "assumes" a single process even when told so (no_dist=True)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message=QUIET_MESSAGE)
         yield
 
 
