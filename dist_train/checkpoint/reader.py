@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 
 # Enough to keep a local disk or a network file system busy; more only adds threads.
 LOAD_THREADS = 4
@@ -46,11 +46,17 @@ class ThreadedFileSystemReader(FileSystemReader):
             info = self.storage_data[item.storage_index]
             return info.relative_path, info.offset
 
-        items = sorted(plan.items, key=place)
+        # Non-tensor items first, on this thread: the planner stores those into nested
+        # containers of the state dict, which is not safe from several threads at once.
+        # Tensor items are copied into tensors that already exist, one each.
+        objects = [i for i in plan.items if i.type == LoadItemType.BYTE_IO]
+        if objects:
+            super().read_data(dataclasses.replace(plan, items=objects), planner).wait()
+        items = sorted((i for i in plan.items if i.type != LoadItemType.BYTE_IO), key=place)
         sizes = [self.storage_data[i.storage_index].length for i in items]
         runs = contiguous_runs(items, sizes, min(self.threads, len(items)) or 1)
         if len(runs) <= 1:
-            return super().read_data(plan, planner)
+            return super().read_data(dataclasses.replace(plan, items=items), planner)
         read = super().read_data
         with ThreadPoolExecutor(len(runs), thread_name_prefix="dcp-read") as pool:
             parts = [pool.submit(read, dataclasses.replace(plan, items=run), planner)
