@@ -98,3 +98,22 @@ def test_load_restores_weights_and_async_stager_reuses_its_memory(tmp_path: Path
     assert any(m.abs().sum() > 0 for m in moments)
     ckpt.close()
     assert ckpt._stager is None
+
+
+def test_close_releases_everything_even_when_the_background_write_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(None, [f"train.run_dir={tmp_path}", "checkpoint.async=true",
+                             "train.device=cpu"])
+    model = nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt = Checkpointer(cfg, CPU1, model, opt, Precision(cfg.precision, torch.device("cpu")))
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(dcp.FileSystemWriter, "write_data", disk_full)
+    ckpt.save(TrainState(step=1), blocking=False)  # returns once staged; the write fails later
+    with pytest.raises(BaseException, match="no space left"):
+        ckpt.close()
+    assert ckpt._stager is None and ckpt.model is None
+    assert not (tmp_path / "checkpoints/step_0000001").exists()  # never committed

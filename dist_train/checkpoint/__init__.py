@@ -222,12 +222,15 @@ class Checkpointer:
 
     def close(self) -> None:
         """Finish a pending save, then let go of the model: a DDP wrapper still referenced here
-        would outlive the process group, which aborts the process now and then (gloo)."""
-        self.wait()
-        self.model = self.optimizer = None  # type: ignore[assignment]
-        if self._stager is not None:
-            self._stager.close()
-            self._stager = None
-        if self.group is not None:
-            dist.destroy_process_group(self.group)
-            self.group = None
+        would outlive the process group, which aborts the process now and then (gloo). A failed
+        background write is raised, after everything is released all the same."""
+        try:
+            self.wait()
+        finally:
+            self.model = self.optimizer = None  # type: ignore[assignment]
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+            if self.group is not None:
+                dist.destroy_process_group(self.group)
+                self.group = None
