@@ -1,13 +1,15 @@
 # One command each: `make train` (the quickstart), `make test` (the whole suite, as CI runs it).
-# Both create .venv and install everything on first use. TORCH picks the torch build to install.
+# Both create .venv and install everything on first use. TORCH is the torch requirement to
+# install; TORCH_INDEX, when set, the package index it comes from (see the README).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup train test lint clean
+.PHONY: setup train test lint gpu-check clean
 
 setup: $(STAMP)
 
@@ -15,20 +17,23 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned, so the dependency resolver never swaps in another build
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 train: setup
 	$(BIN)/dist-train train configs/quickstart.yaml $(ARGS)
 
-test: setup
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/pytest $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# On a machine with one NVIDIA GPU and a CUDA torch build: every CUDA-specific check, one JSON.
+gpu-check: setup
+	$(BIN)/python -m dist_train.gpu_check --out gpu_check.json $(ARGS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs bench_results gpu_check.json .pytest_cache

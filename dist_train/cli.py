@@ -1,7 +1,8 @@
 """The `dist-train` command: train, check, export, bench.
 
 User errors print as one line on stderr and exit with status 2, before any worker starts
-whenever they can be found in the parent.
+whenever they can be found in the parent. Sub-commands import what they need when they run, so
+`dist-train --help` does not pay for torch.
 """
 
 from __future__ import annotations
@@ -9,18 +10,22 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+import dist_train
 from dist_train.bench import add_bench_parser
-from dist_train.config import RunConfig, load_config, to_yaml
-from dist_train.env import dist_session, read_env, under_torchrun
 from dist_train.errors import DistTrainError
-from dist_train.launcher import LaunchConfig, check_launch, launch
-from dist_train.plan import build_plan, device_kind
+from dist_train.versions import check_torch_version
+
+if TYPE_CHECKING:
+    from dist_train.config import RunConfig
+    from dist_train.launcher import LaunchConfig
 
 
 def run_worker(cfg: RunConfig) -> int:
     """One worker's whole life: join the group, train, always leave the group."""
-    from dist_train.trainer import build_trainer  # keeps `dist-train check` light
+    from dist_train.env import dist_session, read_env
+    from dist_train.trainer import build_trainer
 
     env = read_env(cfg.train.device)
     with dist_session(env, cfg.parallel.timeout_s):
@@ -33,12 +38,20 @@ def run_worker(cfg: RunConfig) -> int:
 
 
 def _launch_config(args: argparse.Namespace) -> LaunchConfig:
-    return LaunchConfig(nproc=args.nproc or 1, nnodes=args.nnodes, node_rank=args.node_rank,
+    from dist_train.launcher import LaunchConfig
+
+    nproc = 1 if args.nproc is None else args.nproc  # an explicit 0 is an error, not "default"
+    return LaunchConfig(nproc=nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                         rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
-                        max_restarts=args.max_restarts)
+                        max_restarts=getattr(args, "max_restarts", 0))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dist_train.config import load_config
+    from dist_train.env import under_torchrun
+    from dist_train.launcher import check_launch, launch
+    from dist_train.plan import build_plan, device_kind
+
     cfg = load_config(args.config, args.overrides)
     if under_torchrun():  # we are a worker: torchrun already decided the world
         return run_worker(cfg)
@@ -54,10 +67,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"dist-train: {lc.nproc} workers x {lc.nnodes} node(s), {plan.backend} on "
           f"{plan.device}, global batch {plan.global_batch_size} = {plan.micro_batch_size} x "
           f"{plan.accumulation_steps} accumulation x {plan.world_size} workers", flush=True)
-    return launch(lc, ["train", args.config, *args.overrides])
+    for note in plan.notes:
+        print(f"note: {note}", flush=True)
+    return launch(lc, ["train", args.config, *args.overrides], cfg.train.run_dir)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from dist_train.config import load_config, to_yaml
+    from dist_train.launcher import check_launch
+    from dist_train.plan import build_plan, device_kind
+
     cfg = load_config(args.config, args.overrides)
     lc = _launch_config(args)
     check_launch(lc, device_kind(cfg))
@@ -74,26 +93,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML experiment file")
+def _add_run_args(p: argparse.ArgumentParser, *, restarts: bool) -> None:
+    p.add_argument("config", help="YAML experiment file, or a shipped config's name (quickstart)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4")
     p.add_argument("--nproc", type=int, default=None, help="workers on this node (default 1)")
-    p.add_argument("--nnodes", type=int, default=1)
-    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="nodes taking part; the same command runs on each (default 1)")
+    p.add_argument("--node-rank", type=int, default=0,
+                   help="this node's index, 0..nnodes-1 (default 0)")
     p.add_argument("--rdzv-endpoint", default=None, help="host:port of the rendezvous (multi-node)")
     p.add_argument("--rdzv-id", default="dist_train", help="same on every node of one job")
-    p.add_argument("--max-restarts", type=int, default=0,
-                   help="restart the worker group this many times after a failure")
+    if restarts:
+        p.add_argument("--max-restarts", type=int, default=0,
+                       help="restart the worker group this many times after a failure")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (like every other input error), status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dist-train", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="dist-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {dist_train.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train from a config (one process, or --nproc N)")
-    _add_run_args(train)
+    _add_run_args(train, restarts=True)
     train.set_defaults(func=cmd_train)
     check = sub.add_parser("check", help="validate; print the resolved config and the plan")
-    _add_run_args(check)
+    _add_run_args(check, restarts=False)
     check.set_defaults(func=cmd_check)
     export = sub.add_parser("export", help="consolidate a sharded checkpoint into .safetensors")
     export.add_argument("source", help="a run directory or one checkpoints/step_N folder")
@@ -112,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
     try:
+        check_torch_version()
         code = args.func(args)
     except DistTrainError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -120,3 +153,4 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
+

@@ -151,14 +151,36 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = ("train.max_steps", "train.global_batch_size", "log.every_steps", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size")
 
 
+def shipped_configs_dir() -> Path:
+    """The example configs: inside the package when installed from a wheel, else the checkout's."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file as given, or else a shipped config named `configs/NAME.yaml`, `NAME.yaml` or
+    `NAME`, so that the README's commands work from any directory after a `pip install`."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    shipped = shipped_configs_dir()
+    if given.parent in (Path("."), Path("configs")):
+        candidate = shipped / (given.name if given.suffix else f"{given.name}.yaml")
+        if candidate.is_file():
+            return candidate
+    names = ", ".join(sorted(p.stem for p in shipped.glob("*.yaml")))
+    reason = "is a directory" if given.is_dir() else "file not found"
+    raise ConfigError("config", str(path), f"{reason}; expected a YAML file or a shipped config "
+                      f"({names})")
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults < YAML < overrides, validated; raises ConfigError naming the key."""
     merged = OmegaConf.structured(RunConfig)
     try:
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError("config", str(path), "file not found")
+            path = resolve_config_path(path)
             merged = OmegaConf.merge(merged, _aliased(OmegaConf.load(path)))
         for item in overrides:
             if "=" not in item:

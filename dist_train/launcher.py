@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-
-import torch
+from pathlib import Path
 
 from dist_train.errors import ConfigError
 
@@ -28,15 +27,20 @@ class LaunchConfig:
 def max_local_workers(device: str) -> int:
     """One worker per GPU; on CPU one per core (a worker needs at least one core to itself)."""
     if device == "cuda":
+        import torch
+
         return torch.cuda.device_count()
     return os.cpu_count() or 1
 
 
 def check_launch(launch: LaunchConfig, device: str) -> None:
-    limit = max_local_workers(device)
-    unit = "GPUs" if device == "cuda" else "CPU cores"
     if launch.nproc < 1:
         raise ConfigError("--nproc", launch.nproc, "must be >= 1")
+    limit = max_local_workers(device)
+    unit = "GPUs" if device == "cuda" else "CPU cores"
+    if device == "cuda" and limit == 0:  # the device setting is wrong, not the worker count
+        raise ConfigError("train.device", device, "no CUDA GPU is visible on this machine; "
+                          "use train.device=cpu (or auto)")
     if launch.nproc > limit:
         raise ConfigError("--nproc", launch.nproc,
                           f"this machine has {limit} {unit}; use --nproc <= {limit}")
@@ -48,9 +52,10 @@ def check_launch(launch: LaunchConfig, device: str) -> None:
         raise ConfigError("--node-rank", launch.node_rank, f"expected 0..{launch.nnodes - 1}")
 
 
-def torchrun_argv(launch: LaunchConfig, worker_args: list[str]) -> list[str]:
+def torchrun_argv(launch: LaunchConfig, worker_args: list[str], log_dir: Path) -> list[str]:
     """torchrun's command line for `python -m dist_train <worker_args>` on every worker."""
-    argv = [f"--nproc-per-node={launch.nproc}", f"--max-restarts={launch.max_restarts}"]
+    argv = [f"--nproc-per-node={launch.nproc}", f"--max-restarts={launch.max_restarts}",
+            f"--log-dir={log_dir}"]
     if launch.nnodes == 1 and not launch.rdzv_endpoint:
         argv.append("--standalone")  # local rendezvous on a free port
     else:
@@ -64,7 +69,25 @@ def threads_per_worker(nproc: int) -> int:
     return max(1, (os.cpu_count() or 1) // nproc)
 
 
-def launch(launch: LaunchConfig, worker_args: list[str]) -> int:
+def agent_log_dir(run_dir: str | Path) -> Path:
+    """Where torchrun's agent keeps its per-launch folders (error files of failed workers):
+    inside the run, never as a `torchelastic_*` folder in the system temp directory."""
+    return Path(run_dir) / "logs" / "agent"
+
+
+def remove_empty_dirs(root: Path) -> None:
+    """Drop the agent's folders that hold no file (a healthy launch leaves only empty ones)."""
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    for path in (root, root.parent):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def launch(launch: LaunchConfig, worker_args: list[str], run_dir: str | Path) -> int:
     """Run the workers and wait; returns the exit status to use (a worker's own on failure)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -72,8 +95,9 @@ def launch(launch: LaunchConfig, worker_args: list[str]) -> int:
 
     # Split the cores between local workers unless the user chose (torchrun would pick 1).
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(launch.nproc)))
+    log_dir = agent_log_dir(run_dir)
     try:
-        run(parse_args(torchrun_argv(launch, worker_args)))
+        run(parse_args(torchrun_argv(launch, worker_args, log_dir)))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()  # the root cause; the others were stopped after it
         print(f"error: worker rank {rank} failed with exit code {failure.exitcode} (its output "
@@ -82,4 +106,6 @@ def launch(launch: LaunchConfig, worker_args: list[str]) -> int:
     except SignalException as e:  # Ctrl-C or SIGTERM: the agent has already stopped the workers
         print(f"interrupted ({e.sigval.name}): all workers stopped", file=sys.stderr)
         return 128 + int(e.sigval)
+    finally:
+        remove_empty_dirs(log_dir)
     return 0

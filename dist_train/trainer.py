@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_train.checkpoint import Checkpointer, TrainState
+from dist_train.checkpoint.checkpointer import Checkpointer, TrainState
 from dist_train.checkpoint.export import init_model
 from dist_train.checkpoint.files import resolve_resume
 from dist_train.config import RunConfig, accumulation_steps, micro_batch_size, save_config

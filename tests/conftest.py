@@ -70,14 +70,51 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any,
         return [torch.load(Path(out, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
-def cli(*args: str, cwd: Path = REPO, timeout: float = 300.0,
+def cli(*args: str, cwd: Path | None = None, timeout: float = 300.0,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The installed `dist-train` script, as a user runs it."""
+    """The installed `dist-train` script, as a user runs it. By default from an empty temporary
+    directory: relative run directories land there, and `configs/NAME.yaml` resolves to the
+    shipped config, so no test reads or writes the checkout's own `runs/`."""
     full_env = {**os.environ, "PYTHONPATH": str(TESTS), **(env or {})}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
         full_env.pop(var, None)
-    return subprocess.run([str(CLI), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
+    with tempfile.TemporaryDirectory(prefix="dist_train_cwd_") as scratch:
+        return subprocess.run([str(CLI), *args], cwd=cwd or scratch, capture_output=True,
+                              text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
+
+
+# What a user's own work in the checkout looks like: no test may create, change or delete it.
+GUARDED = ("runs", "bench_results")
+
+
+def tree_fingerprint(root: Path, names: tuple[str, ...] = GUARDED) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of every path under root/NAME: a folder's mtime moves when an entry is
+    added or removed, a file's when it is written."""
+    found = {}
+    for name in names:
+        top = root / name
+        if top.exists():
+            for path in [top, *top.rglob("*")]:
+                stat = path.lstat()
+                found[str(path.relative_to(root))] = (stat.st_mtime_ns, stat.st_size)
+    return found
+
+
+def fingerprint_changes(before: dict[str, tuple[int, int]],
+                        after: dict[str, tuple[int, int]]) -> list[str]:
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+@pytest.fixture(autouse=True)
+def repo_left_alone() -> Any:
+    """Fails any test that touches the checkout's runs/ or bench_results/ (a user's
+    `make train` output must survive `make test`, and must not change what a test sees)."""
+    before = tree_fingerprint(REPO)
+    yield
+    changed = fingerprint_changes(before, tree_fingerprint(REPO))
+    if changed:
+        pytest.fail(f"the test changed {', '.join(changed[:5])} in the repository; tests must "
+                    "write only under tmp_path (set train.run_dir / --out)", pytrace=False)
 
 
 @pytest.fixture(autouse=True)
@@ -95,15 +132,17 @@ class StopTraining(Exception):
     """Raised by a test hook to cut a run short, as a crash or a kill would."""
 
 
-def train_in_process(overrides: list[str], stop_at: int | None = None) -> dict[str, Any]:
+def train_in_process(overrides: list[str], stop_at: int | None = None,
+                     config: str | Path | None = None) -> dict[str, Any]:
     """Train in this process (a rank when RANK etc. are set): losses per step, full weights,
-    and what this rank stores locally. `stop_at=N` interrupts the run right after step N."""
+    and what this rank stores locally. `stop_at=N` interrupts the run right after step N;
+    `config` is a YAML file under the overrides."""
     from dist_train.config import load_config
     from dist_train.env import dist_session, read_env
     from dist_train.parallel import local_numel, unwrap
     from dist_train.trainer import build_trainer
 
-    cfg = load_config(None, overrides)
+    cfg = load_config(config, overrides)
     env = read_env(cfg.train.device)
     with dist_session(env, timeout_s=120):
         trainer = build_trainer(cfg, env)

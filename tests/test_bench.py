@@ -158,6 +158,19 @@ def test_input_errors_surface_in_the_parent(argv: list[str], key: str) -> None:
     assert e.value.key == key
 
 
+def test_missing_optional_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate is an optional extra: without it, `bench accelerate` names the extra."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "accelerate" else real(name, *a))
+    args = build_parser().parse_args(["bench", "accelerate"])
+    with pytest.raises(ConfigError, match=r"pip install 'dist-train\[accelerate\]'") as e:
+        args.func(args)
+    assert e.value.key == "bench"
+
+
 # --- smoke runs: every field present, positive and finite (no timing assertions) -----------
 
 def _finite_positive(value: Any) -> bool:

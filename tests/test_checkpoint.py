@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dist_train import checkpoint as ckpt_module
+from dist_train.checkpoint import checkpointer as ckpt_module
 from dist_train.checkpoint.export import load_model_weights
 from dist_train.checkpoint.files import check_shapes, complete_checkpoints, has_optimizer_state
 from dist_train.config import load_config

@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-from dist_train.checkpoint import Checkpointer, TrainState, _loaded_in_place
+from dist_train.checkpoint.checkpointer import Checkpointer, TrainState, _loaded_in_place
 from dist_train.checkpoint.reader import ThreadedFileSystemReader, contiguous_runs
 from dist_train.config import load_config
 from dist_train.env import DistEnv

@@ -42,9 +42,14 @@ def assert_trained(proc: subprocess.CompletedProcess[str], run_dir: Path) -> lis
 @pytest.mark.slow
 def test_one_process_and_two_workers_train_the_same(tmp_path: Path) -> None:
     one = assert_trained(cli("train", *RUN, f"train.run_dir={tmp_path}/one"), tmp_path / "one")
-    proc = cli("train", *RUN, "--nproc", "2", f"train.run_dir={tmp_path}/two")
+    temp = tmp_path / "tmpdir"  # the system temp directory, as the launcher sees it
+    temp.mkdir()
+    proc = cli("train", *RUN, "--nproc", "2", f"train.run_dir={tmp_path}/two",
+               env={"TMPDIR": str(temp)})
     two = assert_trained(proc, tmp_path / "two")
     assert "2 workers" in proc.stdout
+    # torchrun's agent keeps its folders in the run directory and a healthy launch leaves none
+    assert not list(temp.glob("torchelastic_*")) and not (tmp_path / "two/logs").exists()
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
@@ -56,9 +61,9 @@ def test_plain_torchrun_and_python_m(tmp_path: Path) -> None:
         env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "dist_train", "train", *RUN, f"train.run_dir={tmp_path}/tr"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert_trained(proc, tmp_path / "tr")
-    proc = subprocess.run([sys.executable, "-m", "dist_train", "check", *RUN], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "dist_train", "check", *RUN], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and "world_size: 1" in proc.stdout
 
@@ -121,7 +126,7 @@ def test_ctrl_c_stops_all_workers(tmp_path: Path) -> None:
     run_dir = tmp_path / "interrupted"
     cmd = [str(CLI), "train", *RUN, "--nproc", "2", "train.max_steps=100000", "log.every_steps=1",
            f"train.run_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         wait_for_metrics(run_dir, proc)

@@ -75,11 +75,12 @@ def test_clip_by_global_norm() -> None:
 
 
 def test_torchrun_argv_single_and_multi_node() -> None:
-    argv = torchrun_argv(LaunchConfig(nproc=2), ["train", "c.yaml", "optim.lr=1"])
-    assert argv == ["--nproc-per-node=2", "--max-restarts=0", "--standalone",
+    argv = torchrun_argv(LaunchConfig(nproc=2), ["train", "c.yaml", "optim.lr=1"], Path("r/logs"))
+    assert argv == ["--nproc-per-node=2", "--max-restarts=0", "--log-dir=r/logs", "--standalone",
                     "--module", "dist_train", "train", "c.yaml", "optim.lr=1"]
     multi = torchrun_argv(LaunchConfig(nproc=8, nnodes=2, node_rank=1, rdzv_endpoint="h:29400",
-                                       rdzv_id="job7", max_restarts=3), ["train", "c.yaml"])
+                                       rdzv_id="job7", max_restarts=3), ["train", "c.yaml"],
+                          Path("logs"))
     assert "--standalone" not in multi
     assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=h:29400",
             "--rdzv-id=job7", "--max-restarts=3"} <= set(multi)
@@ -94,6 +95,10 @@ def test_launch_limits() -> None:
         check_launch(LaunchConfig(nproc=1, nnodes=2), "cpu")
     with pytest.raises(ConfigError, match=">= 1"):
         check_launch(LaunchConfig(nproc=0), "cpu")
+    if not torch.cuda.is_available():  # blame the device setting, not the worker count
+        with pytest.raises(ConfigError, match="no CUDA GPU") as err:
+            check_launch(LaunchConfig(nproc=1), "cuda")
+        assert err.value.key == "train.device"
     check_launch(LaunchConfig(nproc=1), "cpu")
     assert threads_per_worker(1) >= threads_per_worker(2) >= 1
 

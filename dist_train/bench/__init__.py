@@ -7,22 +7,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dist_train.bench.harness import BenchArgs, BenchError
-from dist_train.bench.report import BenchReport, format_table, write_json
-from dist_train.config import RunConfig, accumulation_steps, load_config
+from dist_train.config import RunConfig, accumulation_steps, load_config, shipped_configs_dir
 from dist_train.errors import ConfigError
 from dist_train.launcher import LaunchConfig, check_launch, threads_per_worker
-from dist_train.plan import device_kind
 
-# The quickstart model is the reference size; found next to the package in a source checkout.
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+if TYPE_CHECKING:  # the harness imports torch: only a benchmark that runs pays for it
+    from dist_train.bench.harness import BenchArgs
+    from dist_train.bench.report import BenchReport
+
+# The quickstart model is the reference size (shipped inside the package, or the checkout's).
+DEFAULT_CONFIG = shipped_configs_dir() / "quickstart.yaml"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Benchmark:
     steps: int = 20  # default timed steps (or operations) per contender per round
     warmup: int = 5
     repeats: int = 10
+    requires: str = ""  # an optional extra this benchmark imports (pyproject's extras name it)
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
@@ -44,7 +47,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               check="dist_train.bench.loops:check_plain_ddp"),
     Benchmark("accelerate", "dist_train's training step vs a minimal Hugging Face Accelerate loop",
               "dist_train.bench.accelerate_loop:run", repeats=15,
-              check="dist_train.bench.accelerate_loop:check_config"),
+              check="dist_train.bench.accelerate_loop:check_config", requires="accelerate"),
     Benchmark("allreduce", "all-reduce bus bandwidth over message sizes (gradient sync's limit)",
               "dist_train.bench.allreduce:run", nproc=2, min_nproc=2, steps=10, warmup=3),
     Benchmark("scaling", "samples/s at 1 and N workers with the same per-worker batch",
@@ -87,6 +90,9 @@ def split_config(words: Sequence[str]) -> tuple[str | None, list[str]]:
 
 def make_args(ns: argparse.Namespace) -> tuple[BenchArgs, RunConfig]:
     """Validate in the parent, once, before any worker starts: input errors exit with status 2."""
+    from dist_train.bench.harness import BenchArgs
+    from dist_train.plan import device_kind
+
     bench: Benchmark = ns.bench
     config, overrides = split_config(ns.overrides)
     cfg = load_config(config, overrides)
@@ -99,6 +105,9 @@ def make_args(ns: argparse.Namespace) -> tuple[BenchArgs, RunConfig]:
         if value < low:
             raise ConfigError(flag, value, f"must be >= {low}")
     accumulation_steps(cfg, ns.nproc)  # a batch that does not split fails here, not in a worker
+    if bench.requires and importlib.util.find_spec(bench.requires) is None:
+        raise ConfigError("bench", bench.name, f"needs the optional dependency "
+                          f"'{bench.requires}': pip install 'dist-train[{bench.requires}]'")
     if bench.check:
         _resolve(bench.check)(cfg, ns.nproc)
     # Every contender gets the same threads: the cores split between workers, as a
@@ -110,6 +119,9 @@ def make_args(ns: argparse.Namespace) -> tuple[BenchArgs, RunConfig]:
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
+    from dist_train.bench.harness import BenchError
+    from dist_train.bench.report import format_table, write_json
+
     args, cfg = make_args(ns)
     try:
         report = load_runner(ns.bench)(args)

@@ -32,7 +32,7 @@ from dist_train.bench.harness import BenchArgs, bench_config, max_over_ranks, ru
 from dist_train.bench.loops import FrameworkLoop
 from dist_train.bench.report import BenchReport, Column, machine_info
 from dist_train.bench.stats import median, ratio_summary, round_medians, summarize
-from dist_train.checkpoint import Checkpointer, TrainState
+from dist_train.checkpoint.checkpointer import Checkpointer, TrainState
 from dist_train.checkpoint.files import complete_checkpoints
 from dist_train.config import RunConfig
 from dist_train.env import DistEnv

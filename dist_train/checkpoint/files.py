@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 import dist_train
 from dist_train.config import RunConfig
@@ -134,6 +132,9 @@ def check_files(manifest: dict[str, Any], path: Path) -> None:
 
 
 def read_tensor_metadata(path: Path) -> dict[str, Any]:
+    # Imported here: `dist-train check` reads manifests only and should not pay for DCP.
+    from torch.distributed.checkpoint import FileSystemReader
+
     try:
         return FileSystemReader(str(path)).read_metadata().state_dict_metadata
     except Exception as e:
@@ -147,6 +148,8 @@ def has_optimizer_state(path: Path) -> bool:
 def check_shapes(state: dict[str, Any], path: Path) -> None:
     """Compare the model's tensors with the checkpoint's metadata, locally on every rank, so a
     mismatch is an error on all of them before DCP's collectives start (never a hang)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     saved = read_tensor_metadata(path)
     problems = []
     for name, tensor in state["model"].items():

@@ -1,0 +1,236 @@
+"""Sharded, atomic, optionally async checkpoints (this package alone imports DCP).
+
+Every rank writes its own shards into `checkpoints/.tmp_step_N/`; once all shards, DCP's
+`.metadata` and the RNG files are there, rank 0 writes `manifest.json` and renames the folder to
+`step_N`. A `step_N` folder therefore exists only when complete; anything else is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from dist_train.checkpoint.files import (
+    MANIFEST,
+    QUIET_MESSAGE,
+    check_compatible,
+    check_files,
+    check_shapes,
+    complete_checkpoints,
+    fsync_dir,
+    has_optimizer_state,
+    manifest_for,
+    read_manifest,
+    single_process_quiet,
+)
+from dist_train.checkpoint.reader import ThreadedFileSystemReader
+from dist_train.config import RunConfig
+from dist_train.env import DistEnv
+from dist_train.errors import ConfigError
+from dist_train.precision import Precision
+
+
+@dataclass
+class TrainState:
+    """The trainer's own checkpointed state; LR and data position are pure functions of step."""
+
+    step: int = 0  # completed optimizer steps
+    samples_seen: int = 0
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _local_ptr(t: torch.Tensor) -> int:
+    return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
+
+
+def _loaded_in_place(loaded: dict[str, Any], model: nn.Module) -> bool:
+    """DCP loads into the tensors it is given; those of `get_model_state_dict` are the model's
+    own (parameters and buffers, sharded or not), and then copying them into the model again
+    would only cost a pass over the whole state. Any other value (a copy, extra state) needs it."""
+    own = {_local_ptr(t) for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
+    return all(isinstance(v, torch.Tensor) and _local_ptr(v) in own for v in loaded.values())
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+class Checkpointer:
+    """Saves and loads model, optimizer, precision (loss scaler), train state and per-rank RNG."""
+
+    def __init__(self, cfg: RunConfig, env: DistEnv, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, precision: Precision) -> None:
+        self.cfg, self.env = cfg, env
+        self.model, self.optimizer, self.precision = model, optimizer, precision
+        self.root = Path(cfg.train.run_dir) / "checkpoints"
+        # Background saves talk on their own gloo group: sharing the training group would let
+        # the save's collectives interleave with the loop's (a deadlock or a wrong result).
+        # Synchronous saves block the loop, so they use the training group (None = default).
+        async_group = env.is_distributed and cfg.checkpoint.enabled and cfg.checkpoint.async_save
+        self.group = dist.new_group(backend="gloo") if async_group else None
+        if cfg.checkpoint.async_save and not env.is_distributed:
+            # DCP's background thread warns on every single-process save that it "assumes" one
+            # process (we said so: no_dist=True), after any `catch_warnings` here has exited.
+            # Thread-safe scoping of a filter does not exist before Python 3.14: drop it for
+            # the process.
+            warnings.filterwarnings("ignore", message=QUIET_MESSAGE)
+        # One stager for the whole run: it keeps the staging copy's memory between saves, so a
+        # background save blocks for a copy into memory already there (page-locked on CUDA),
+        # not for allocating and faulting in a fresh copy of the state every time. Staging runs
+        # on the training thread: the optimizer cannot touch the state before the copy is done.
+        self._stager = DefaultStager(StagingOptions(
+            use_pinned_memory=env.device.type == "cuda", use_shared_memory=False,
+            use_async_staging=False, use_non_blocking_copy=False)) if cfg.checkpoint.async_save else None
+        self._pending: tuple[Future[Any], TrainState, Path] | None = None
+
+    def _state(self, with_optimizer: bool) -> dict[str, Any]:
+        state = {"model": get_model_state_dict(self.model),
+                 "precision": self.precision.state_dict()}
+        if with_optimizer:
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
+        return state
+
+    def _saves_optimizer(self) -> bool:
+        """A stateless optimizer (SGD without momentum) has nothing to save, and asking DCP for
+        its state dict would run a zero-lr optimizer step over model-sized zero gradients
+        on every save (torch initializes empty optimizer state that way)."""
+        return bool(self.optimizer.state)
+
+    def _dcp_kwargs(self, background: bool = False) -> dict[str, Any]:
+        if not self.env.is_distributed:
+            return {"no_dist": True}
+        return {"process_group": self.group if background else None}
+
+    def save(self, state: TrainState, blocking: bool) -> None:
+        """Sync: returns once committed. Async: returns once the state is copied in memory."""
+        self.wait()  # one save at a time; also commits the previous async one
+        tmp = self.root / f".tmp_step_{state.step:07d}"
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed attempt
+            tmp.mkdir(parents=True)
+        self._barrier()
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank_{self.env.rank}.pt")
+        if blocking or not self.cfg.checkpoint.async_save:
+            with single_process_quiet():
+                dcp.save(self._state(self._saves_optimizer()), checkpoint_id=tmp,
+                         **self._dcp_kwargs())
+            self._commit(state, tmp)
+        else:
+            with single_process_quiet():
+                future = dcp.async_save(self._state(self._saves_optimizer()), checkpoint_id=tmp,
+                                        async_stager=self._stager,
+                                        **self._dcp_kwargs(background=True))
+            self._pending = (future, TrainState(state.step, state.samples_seen), tmp)  # type: ignore[assignment]
+
+    def poll(self) -> None:
+        """Commit a finished background save; costs nothing while it is still running."""
+        if self._pending is not None and self._pending[0].done():
+            self.wait()
+
+    def wait(self) -> None:
+        if self._pending is None:
+            return
+        future, saved, tmp = self._pending
+        self._pending = None
+        future.result()  # re-raises a failed write here, on the training thread
+        self._commit(saved, tmp)
+
+    def _commit(self, saved: TrainState, tmp: Path) -> None:
+        """Rank 0 makes the checkpoint visible: manifest, fsync, one atomic rename, retention.
+        DCP returns on rank 0 only after every rank's shards and the metadata are written."""
+        if not self.env.is_main:
+            return
+        manifest = manifest_for(self.cfg, self.env, saved.step, saved.samples_seen, tmp)
+        path = tmp / MANIFEST
+        path.write_text(json.dumps(manifest, indent=1))
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        final = self.root / f"step_{saved.step:07d}"
+        if final.exists():  # re-saving a step (e.g. resume=none in a used run dir)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        for old in complete_checkpoints(self.root)[: -self.cfg.checkpoint.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, state: TrainState) -> None:
+        """Restore everything from a complete checkpoint, checked before any collective."""
+        manifest = read_manifest(path)
+        check_compatible(self.cfg, manifest, path)
+        check_files(manifest, path)
+        current = self._state(with_optimizer=has_optimizer_state(path))
+        check_shapes(current, path)
+        try:
+            with single_process_quiet():
+                dcp.load(current, storage_reader=ThreadedFileSystemReader(path),
+                         **self._dcp_kwargs())
+        except (Exception, CheckpointException) as e:  # DCP raises it on every rank alike
+            raise ConfigError("resume", str(path), f"cannot read checkpoint ({_first_line(e)})") from None
+        if not _loaded_in_place(current["model"], self.model):
+            set_model_state_dict(self.model, current["model"])
+        if "optim" in current:
+            set_optimizer_state_dict(self.model, self.optimizer, current["optim"])
+        self.precision.load_state_dict(current["precision"])
+        state.step, state.samples_seen = manifest["step"], manifest["samples_seen"]
+        # RNG streams are per rank; with another world size they cannot map one to one (the data
+        # order does not depend on them: the sampler is a pure function of seed and step).
+        if manifest["world_size"] == self.env.world_size:
+            set_rng_state(torch.load(path / "rng" / f"rank_{self.env.rank}.pt", weights_only=False))
+
+    def _barrier(self) -> None:
+        if self.env.is_distributed:
+            dist.barrier()  # on the training thread, like every save starts
+
+    def close(self) -> None:
+        """Finish a pending save, then let go of the model: a DDP wrapper still referenced here
+        would outlive the process group, which aborts the process now and then (gloo). A failed
+        background write is raised, after everything is released all the same."""
+        try:
+            self.wait()
+        finally:
+            self.model = self.optimizer = None  # type: ignore[assignment]
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+            if self.group is not None:
+                dist.destroy_process_group(self.group)
+                self.group = None

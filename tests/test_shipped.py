@@ -1,0 +1,69 @@
+"""What ships with the project works as shipped: every config at 1 and 2 workers, the test
+suite's own hygiene guard, and the package's version and config lookup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dist_train.config import load_config, resolve_config_path, shipped_configs_dir
+from dist_train.errors import ConfigError
+
+from conftest import REPO, fingerprint_changes, run_on_ranks, train_in_process, tree_fingerprint
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# Two steps of each config as shipped (model, data, batch split, accumulation): only the length,
+# evaluation, sampling and checkpoints are cut, and the text corpus is capped.
+SHORT = ["train.device=cpu", "train.max_steps=2", "train.eval_every=0", "train.eval_batches=1",
+         "train.sample_chars=0", "checkpoint.enabled=false", "log.progress=never",
+         "log.every_steps=1", "data.max_chars=200000"]
+
+
+def train_every_config(run_root: str) -> dict[str, dict[int, float]]:
+    return {path.stem: train_in_process([*SHORT, f"train.run_dir={run_root}/{path.stem}"],
+                                        config=path)["losses"] for path in CONFIGS}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_every_shipped_config_trains_at_one_and_two_workers(tmp_path: Path) -> None:
+    assert {p.stem for p in CONFIGS} >= {"quickstart", "gpt_char", "mlp_synthetic", "cnn_synthetic"}
+    one = train_every_config(str(tmp_path / "one"))
+    two = run_on_ranks(train_every_config, 2, str(tmp_path / "two"))
+    for name in one:
+        assert sorted(one[name]) == [1, 2], name
+        assert all(loss == loss and loss > 0 for loss in one[name].values()), name  # finite
+        for rank in two:
+            assert sorted(rank[name]) == [1, 2], name
+
+
+def test_shipped_configs_resolve_from_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the shipped ones are found by name
+    assert shipped_configs_dir().resolve() == (REPO / "configs").resolve()
+    for given in ("configs/quickstart.yaml", "quickstart.yaml", "quickstart"):
+        assert resolve_config_path(given).resolve() == (REPO / "configs/quickstart.yaml").resolve()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/quickstart.yaml").write_text("train:\n  max_steps: 3\n")
+    assert load_config("configs/quickstart.yaml").train.max_steps == 3  # a user's own file wins
+    with pytest.raises(ConfigError, match="file not found; expected a YAML file or a shipped "
+                       r"config \(cnn_synthetic, gpt_char, mlp_synthetic, quickstart\)"):
+        load_config("configs/nope.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(str(tmp_path))
+
+
+def test_repo_guard_sees_created_changed_and_deleted_files(tmp_path: Path) -> None:
+    (tmp_path / "runs/a").mkdir(parents=True)
+    (tmp_path / "runs/a/metrics.jsonl").write_text("{}\n")
+    before = tree_fingerprint(tmp_path)
+    assert fingerprint_changes(before, tree_fingerprint(tmp_path)) == []
+    (tmp_path / "bench_results").mkdir()
+    assert fingerprint_changes(before, tree_fingerprint(tmp_path)) == ["bench_results"]
+    before = tree_fingerprint(tmp_path)
+    with (tmp_path / "runs/a/metrics.jsonl").open("a") as f:
+        f.write("{}\n")
+    assert fingerprint_changes(before, tree_fingerprint(tmp_path)) == ["runs/a/metrics.jsonl"]
+    before = tree_fingerprint(tmp_path)
+    (tmp_path / "runs/a/metrics.jsonl").unlink()
+    assert fingerprint_changes(before, tree_fingerprint(tmp_path)) == ["runs/a", "runs/a/metrics.jsonl"]
