@@ -41,9 +41,14 @@ def _launch_config(args: argparse.Namespace) -> LaunchConfig:
     from dist_train.launcher import LaunchConfig
 
     nproc = 1 if args.nproc is None else args.nproc  # an explicit 0 is an error, not "default"
-    return LaunchConfig(nproc=nproc, nnodes=args.nnodes, node_rank=args.node_rank,
-                        rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
-                        max_restarts=getattr(args, "max_restarts", 0))
+    return LaunchConfig(
+        nproc=nproc,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_id=args.rdzv_id,
+        max_restarts=getattr(args, "max_restarts", 0),
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -61,12 +66,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         return run_worker(cfg)
     plan = build_plan(cfg, lc.world_size)  # every config error surfaces here, once
     if plan.resume_step >= cfg.train.max_steps:
-        print(f"done already: {plan.resume_from} is at step {plan.resume_step} "
-              f"(train.max_steps={cfg.train.max_steps}); raise train.max_steps to train further")
+        print(
+            f"done already: {plan.resume_from} is at step {plan.resume_step} "
+            f"(train.max_steps={cfg.train.max_steps}); raise train.max_steps to train further"
+        )
         return 0
-    print(f"dist-train: {lc.nproc} workers x {lc.nnodes} node(s), {plan.backend} on "
-          f"{plan.device}, global batch {plan.global_batch_size} = {plan.micro_batch_size} x "
-          f"{plan.accumulation_steps} accumulation x {plan.world_size} workers", flush=True)
+    print(
+        f"dist-train: {lc.nproc} workers x {lc.nnodes} node(s), {plan.backend} on "
+        f"{plan.device}, global batch {plan.global_batch_size} = {plan.micro_batch_size} x "
+        f"{plan.accumulation_steps} accumulation x {plan.world_size} workers",
+        flush=True,
+    )
     for note in plan.notes:
         print(f"note: {note}", flush=True)
     return launch(lc, ["train", args.config, *args.overrides], cfg.train.run_dir)
@@ -97,15 +107,24 @@ def _add_run_args(p: argparse.ArgumentParser, *, restarts: bool) -> None:
     p.add_argument("config", help="YAML experiment file, or a shipped config's name (quickstart)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4")
     p.add_argument("--nproc", type=int, default=None, help="workers on this node (default 1)")
-    p.add_argument("--nnodes", type=int, default=1,
-                   help="nodes taking part; the same command runs on each (default 1)")
-    p.add_argument("--node-rank", type=int, default=0,
-                   help="this node's index, 0..nnodes-1 (default 0)")
+    p.add_argument(
+        "--nnodes",
+        type=int,
+        default=1,
+        help="nodes taking part; the same command runs on each (default 1)",
+    )
+    p.add_argument(
+        "--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1 (default 0)"
+    )
     p.add_argument("--rdzv-endpoint", default=None, help="host:port of the rendezvous (multi-node)")
     p.add_argument("--rdzv-id", default="dist_train", help="same on every node of one job")
     if restarts:
-        p.add_argument("--max-restarts", type=int, default=0,
-                       help="restart the worker group this many times after a failure")
+        p.add_argument(
+            "--max-restarts",
+            type=int,
+            default=0,
+            help="restart the worker group this many times after a failure",
+        )
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -118,8 +137,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="dist-train", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version",
-                        version=f"%(prog)s {dist_train.__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {dist_train.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train from a config (one process, or --nproc N)")
     _add_run_args(train, restarts=True)
@@ -153,4 +171,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
-

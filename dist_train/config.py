@@ -42,7 +42,9 @@ class DataConfig:
     name: str = "text"  # text | tokens | synthetic; ignored when _target_ is set
     _target_: Optional[str] = None  # "package.module.Class" of a user dataset (see data.py)
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for _target_
-    path: Optional[str] = None  # text: UTF-8 file (default: Python's own stdlib source); tokens: dir
+    path: Optional[str] = (
+        None  # text: UTF-8 file (default: Python's own stdlib source); tokens: dir
+    )
     max_chars: int = 2_000_000  # text: cap on characters read from the default corpus (0 = all)
     val_fraction: float = 0.1  # text/tokens: tail of the corpus; synthetic: random split by seed
     vocab_size: int = 0  # tokens: 0 = meta.pkl's vocab_size, else max token id + 1
@@ -79,7 +81,9 @@ class TrainConfig:
     eval_batches: int = 4  # global batches of validation data per evaluation
     sample_chars: int = 0  # text: characters to generate at the end (0: none)
     sample_prompt: str = "\n"
-    compile: bool = False  # torch.compile each block (or the whole model), in place, before wrapping
+    compile: bool = (
+        False  # torch.compile each block (or the whole model), in place, before wrapping
+    )
 
 
 @dataclass
@@ -148,7 +152,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision.dtype": ("fp32", "bf16", "fp16"),
     "log.progress": ("auto", "always", "never"),
 }
-POSITIVE = ("train.max_steps", "train.global_batch_size", "log.every_steps", "model.n_layer", "model.n_head", "model.n_embd", "model.block_size")
+POSITIVE = (
+    "train.max_steps",
+    "train.global_batch_size",
+    "log.every_steps",
+    "model.n_layer",
+    "model.n_head",
+    "model.n_embd",
+    "model.block_size",
+)
 
 
 def shipped_configs_dir() -> Path:
@@ -171,8 +183,9 @@ def resolve_config_path(path: str | Path) -> Path:
             return candidate
     names = ", ".join(sorted(p.stem for p in shipped.glob("*.yaml")))
     reason = "is a directory" if given.is_dir() else "file not found"
-    raise ConfigError("config", str(path), f"{reason}; expected a YAML file or a shipped config "
-                      f"({names})")
+    raise ConfigError(
+        "config", str(path), f"{reason}; expected a YAML file or a shipped config ({names})"
+    )
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -185,8 +198,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
         for item in overrides:
             if "=" not in item:
                 raise ConfigError("override", item, "expected key=value")
-        dotlist = [ALIASES.get(o.split("=", 1)[0], o.split("=", 1)[0]) + "=" + o.split("=", 1)[1]
-                   for o in overrides]
+        dotlist = [
+            ALIASES.get(o.split("=", 1)[0], o.split("=", 1)[0]) + "=" + o.split("=", 1)[1]
+            for o in overrides
+        ]
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -242,19 +257,28 @@ def validate(cfg: RunConfig) -> None:
         if get_key(cfg, key) <= 0:
             raise ConfigError(key, get_key(cfg, key), "must be > 0")
     if cfg.train.micro_batch_size < 0:
-        raise ConfigError("train.micro_batch_size", cfg.train.micro_batch_size,
-                          "must be >= 0 (0: global_batch_size / world_size)")
+        raise ConfigError(
+            "train.micro_batch_size",
+            cfg.train.micro_batch_size,
+            "must be >= 0 (0: global_batch_size / world_size)",
+        )
     if cfg.model.n_embd % cfg.model.n_head:
-        raise ConfigError("model.n_embd", cfg.model.n_embd,
-                          f"must be divisible by model.n_head={cfg.model.n_head}")
+        raise ConfigError(
+            "model.n_embd",
+            cfg.model.n_embd,
+            f"must be divisible by model.n_head={cfg.model.n_head}",
+        )
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("data.val_fraction", cfg.data.val_fraction, "expected 0 <= x < 1")
     if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
         key = "checkpoint.every_steps" if cfg.checkpoint.every_steps < 0 else "checkpoint.keep_last"
         raise ConfigError(key, get_key(cfg, key), "every_steps must be >= 0, keep_last >= 1")
     if cfg.parallel.grad_compression != "none" and cfg.parallel.strategy == "fsdp":
-        raise ConfigError("parallel.grad_compression", cfg.parallel.grad_compression,
-                          "compression hooks are DDP's; with fsdp use precision.reduce_dtype")
+        raise ConfigError(
+            "parallel.grad_compression",
+            cfg.parallel.grad_compression,
+            "compression hooks are DDP's; with fsdp use precision.reduce_dtype",
+        )
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas", cfg.optim.betas, "expected two numbers")
     for section in ("model", "data"):
@@ -280,8 +304,11 @@ def resolve_target(target: str, key: str) -> Any:
 def micro_batch_size(cfg: RunConfig, world_size: int) -> int:
     """Samples per forward/backward on one worker; 0 in the config means the whole rank slice."""
     if cfg.train.global_batch_size % world_size:
-        raise ConfigError("train.global_batch_size", cfg.train.global_batch_size,
-                          f"must be divisible by world_size ({world_size})")
+        raise ConfigError(
+            "train.global_batch_size",
+            cfg.train.global_batch_size,
+            f"must be divisible by world_size ({world_size})",
+        )
     return cfg.train.micro_batch_size or cfg.train.global_batch_size // world_size
 
 
@@ -291,9 +318,11 @@ def accumulation_steps(cfg: RunConfig, world_size: int) -> int:
     per_step = world_size * micro
     if cfg.train.global_batch_size % per_step:
         raise ConfigError(
-            "train.global_batch_size", cfg.train.global_batch_size,
+            "train.global_batch_size",
+            cfg.train.global_batch_size,
             f"must be divisible by world_size ({world_size}) x train.micro_batch_size "
-            f"({micro}) = {per_step}")
+            f"({micro}) = {per_step}",
+        )
     return cfg.train.global_batch_size // per_step
 
 

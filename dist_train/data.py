@@ -155,8 +155,13 @@ def _char_data(cfg: RunConfig) -> Data:
     def decode(ids: list[int]) -> str:
         return "".join(chars[i] for i in ids)
 
-    spec = DataSpec("lm", vocab_size=len(chars), tokens_per_sample=cfg.model.block_size,
-                    encode=encode, decode=decode)
+    spec = DataSpec(
+        "lm",
+        vocab_size=len(chars),
+        tokens_per_sample=cfg.model.block_size,
+        encode=encode,
+        decode=decode,
+    )
     return _split_windows(cfg, tokens, None, spec, "data.path")
 
 
@@ -166,7 +171,11 @@ def _token_data(cfg: RunConfig) -> Data:
     if not cfg.data.path or not (root / "train.bin").is_file():
         raise ConfigError("data.path", cfg.data.path, "expected a directory holding train.bin")
     train = np.memmap(root / "train.bin", dtype=np.uint16, mode="r")
-    val = np.memmap(root / "val.bin", dtype=np.uint16, mode="r") if (root / "val.bin").is_file() else None
+    val = (
+        np.memmap(root / "val.bin", dtype=np.uint16, mode="r")
+        if (root / "val.bin").is_file()
+        else None
+    )
     meta: dict[str, Any] = {}
     if (root / "meta.pkl").is_file():
         with open(root / "meta.pkl", "rb") as f:
@@ -180,21 +189,30 @@ def _token_data(cfg: RunConfig) -> Data:
     if "stoi" in meta:
         stoi = meta["stoi"]
         encode = lambda s: [stoi[c] for c in s if c in stoi]  # noqa: E731
-    spec = DataSpec("lm", vocab_size=vocab_size, tokens_per_sample=cfg.model.block_size,
-                    encode=encode, decode=decode)
+    spec = DataSpec(
+        "lm",
+        vocab_size=vocab_size,
+        tokens_per_sample=cfg.model.block_size,
+        encode=encode,
+        decode=decode,
+    )
     return _split_windows(cfg, train, val, spec, "data.path")
 
 
-def _split_windows(cfg: RunConfig, tokens: np.ndarray, val_tokens: np.ndarray | None,
-                   spec: DataSpec, key: str) -> Data:
+def _split_windows(
+    cfg: RunConfig, tokens: np.ndarray, val_tokens: np.ndarray | None, spec: DataSpec, key: str
+) -> Data:
     block = cfg.model.block_size
     if val_tokens is None:  # the tail is validation: contiguous, so no window straddles both
         cut = int(len(tokens) * (1 - cfg.data.val_fraction))
         tokens, val_tokens = tokens[:cut], tokens[cut:]
     train = WindowDataset(tokens, block)
     if len(train) < 1:
-        raise ConfigError(key, cfg.data.path,
-                          f"{len(tokens)} training tokens is too short for model.block_size={block}")
+        raise ConfigError(
+            key,
+            cfg.data.path,
+            f"{len(tokens)} training tokens is too short for model.block_size={block}",
+        )
     val = WindowDataset(val_tokens, block)
     return Data(train, val if len(val) > 0 else None, spec)
 
@@ -211,7 +229,7 @@ def _synthetic_data(cfg: RunConfig) -> Data:
         targets = (hidden @ torch.randn(64, d.num_classes, generator=g)).argmax(1)
         num_outputs = d.num_classes
     else:
-        targets = hidden @ torch.randn(64, 1, generator=g) / 8 ** 0.5
+        targets = hidden @ torch.randn(64, 1, generator=g) / 8**0.5
         num_outputs = 1
     order = torch.randperm(d.num_samples, generator=g)
     n_val = int(d.num_samples * d.val_fraction)

@@ -55,11 +55,14 @@ def read_env(device: str = "auto", environ: Mapping[str, str] = os.environ) -> D
         if not torch.cuda.is_available():
             raise ConfigError("train.device", device, "CUDA is not available on this machine")
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError("train.device", device,
-                              f"local rank {local_rank} has no GPU "
-                              f"({torch.cuda.device_count()} visible)")
-        return DistEnv(rank, local_rank, world_size, local_world_size,
-                       torch.device("cuda", local_rank), "nccl")
+            raise ConfigError(
+                "train.device",
+                device,
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible)",
+            )
+        return DistEnv(
+            rank, local_rank, world_size, local_world_size, torch.device("cuda", local_rank), "nccl"
+        )
     return DistEnv(rank, local_rank, world_size, local_world_size, torch.device("cpu"), "gloo")
 
 
@@ -71,8 +74,13 @@ def dist_session(env: DistEnv, timeout_s: float = 600.0) -> Iterator[None]:
     if env.is_distributed and not dist.is_initialized():
         # device_id binds NCCL to this rank's GPU eagerly; gloo ignores it.
         kwargs = {"device_id": env.device} if env.backend == "nccl" else {}
-        dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=timeout_s), **kwargs)
+        dist.init_process_group(
+            env.backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(seconds=timeout_s),
+            **kwargs,
+        )
     try:
         yield
     finally:

@@ -39,11 +39,15 @@ def check_launch(launch: LaunchConfig, device: str) -> None:
     limit = max_local_workers(device)
     unit = "GPUs" if device == "cuda" else "CPU cores"
     if device == "cuda" and limit == 0:  # the device setting is wrong, not the worker count
-        raise ConfigError("train.device", device, "no CUDA GPU is visible on this machine; "
-                          "use train.device=cpu (or auto)")
+        raise ConfigError(
+            "train.device",
+            device,
+            "no CUDA GPU is visible on this machine; use train.device=cpu (or auto)",
+        )
     if launch.nproc > limit:
-        raise ConfigError("--nproc", launch.nproc,
-                          f"this machine has {limit} {unit}; use --nproc <= {limit}")
+        raise ConfigError(
+            "--nproc", launch.nproc, f"this machine has {limit} {unit}; use --nproc <= {limit}"
+        )
     if launch.nnodes < 1:
         raise ConfigError("--nnodes", launch.nnodes, "must be >= 1")
     if launch.nnodes > 1 and not launch.rdzv_endpoint:
@@ -54,14 +58,21 @@ def check_launch(launch: LaunchConfig, device: str) -> None:
 
 def torchrun_argv(launch: LaunchConfig, worker_args: list[str], log_dir: Path) -> list[str]:
     """torchrun's command line for `python -m dist_train <worker_args>` on every worker."""
-    argv = [f"--nproc-per-node={launch.nproc}", f"--max-restarts={launch.max_restarts}",
-            f"--log-dir={log_dir}"]
+    argv = [
+        f"--nproc-per-node={launch.nproc}",
+        f"--max-restarts={launch.max_restarts}",
+        f"--log-dir={log_dir}",
+    ]
     if launch.nnodes == 1 and not launch.rdzv_endpoint:
         argv.append("--standalone")  # local rendezvous on a free port
     else:
-        argv += [f"--nnodes={launch.nnodes}", f"--node-rank={launch.node_rank}",
-                 "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}",
-                 f"--rdzv-id={launch.rdzv_id}"]
+        argv += [
+            f"--nnodes={launch.nnodes}",
+            f"--node-rank={launch.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={launch.rdzv_endpoint}",
+            f"--rdzv-id={launch.rdzv_id}",
+        ]
     return [*argv, "--module", "dist_train", *worker_args]
 
 
@@ -100,8 +111,11 @@ def launch(launch: LaunchConfig, worker_args: list[str], run_dir: str | Path) ->
         run(parse_args(torchrun_argv(launch, worker_args, log_dir)))
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()  # the root cause; the others were stopped after it
-        print(f"error: worker rank {rank} failed with exit code {failure.exitcode} (its output "
-              "is above); the other workers were stopped", file=sys.stderr)
+        print(
+            f"error: worker rank {rank} failed with exit code {failure.exitcode} (its output "
+            "is above); the other workers were stopped",
+            file=sys.stderr,
+        )
         return failure.exitcode if failure.exitcode > 0 else 1
     except SignalException as e:  # Ctrl-C or SIGTERM: the agent has already stopped the workers
         print(f"interrupted ({e.sigval.name}): all workers stopped", file=sys.stderr)

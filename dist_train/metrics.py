@@ -16,8 +16,14 @@ from dist_train.config import LogConfig
 class MetricsLogger:
     """Writes only on the main rank; other ranks get a logger that does nothing."""
 
-    def __init__(self, run_dir: Path | None, cfg: LogConfig, max_steps: int,
-                 stream: TextIO = sys.stdout, append: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: Path | None,
+        cfg: LogConfig,
+        max_steps: int,
+        stream: TextIO = sys.stdout,
+        append: bool = False,
+    ) -> None:
         self.enabled = run_dir is not None
         self.stream, self.max_steps = stream, max_steps
         self.file: TextIO | None = None
@@ -25,7 +31,9 @@ class MetricsLogger:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.file = open(run_dir / "metrics.jsonl", "a" if append else "w")  # noqa: SIM115
         tty = hasattr(stream, "isatty") and stream.isatty()
-        self.progress = self.enabled and (cfg.progress == "always" or (cfg.progress == "auto" and tty))
+        self.progress = self.enabled and (
+            cfg.progress == "always" or (cfg.progress == "auto" and tty)
+        )
         self._last_bar = 0.0
         self._bar_shown = False
 
@@ -69,8 +77,14 @@ class MetricsLogger:
 
 
 # Dense bf16/fp16 tensor-core peaks (no sparsity), TFLOP/s per device, by name fragment.
-KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
-                     "L4": 121.0}
+KNOWN_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "L4": 121.0,
+}
 
 
 def peak_flops(cfg: LogConfig, device: torch.device, dtype: str) -> float | None:

@@ -21,16 +21,23 @@ def resolve_strategy(cfg: ParallelConfig, world_size: int) -> str:
     if cfg.strategy == "auto":
         return "ddp" if world_size > 1 else "none"
     if cfg.strategy == "none" and world_size > 1:
-        raise ConfigError("parallel.strategy", cfg.strategy,
-                          f"world size is {world_size}; gradients must be synchronized (ddp or fsdp)")
+        raise ConfigError(
+            "parallel.strategy",
+            cfg.strategy,
+            f"world size is {world_size}; gradients must be synchronized (ddp or fsdp)",
+        )
     if cfg.strategy == "fsdp" and world_size == 1:
-        raise ConfigError("parallel.strategy", cfg.strategy,
-                          "fsdp shards over workers and needs world_size > 1 (use none)")
+        raise ConfigError(
+            "parallel.strategy",
+            cfg.strategy,
+            "fsdp shards over workers and needs world_size > 1 (use none)",
+        )
     return cfg.strategy
 
 
-def wrap_model(model: nn.Module, cfg: ParallelConfig, precision: PrecisionConfig,
-               env: DistEnv) -> nn.Module:
+def wrap_model(
+    model: nn.Module, cfg: ParallelConfig, precision: PrecisionConfig, env: DistEnv
+) -> nn.Module:
     """Move to the run's device and wrap for data parallelism. Every rank built the model from
     the same seed; DDP also broadcasts rank 0's parameters, FSDP shards the identical copies."""
     strategy = resolve_strategy(cfg, env.world_size)
@@ -39,8 +46,12 @@ def wrap_model(model: nn.Module, cfg: ParallelConfig, precision: PrecisionConfig
     model = model.to(env.device)
     if strategy == "none":
         return model
-    ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-              bucket_cap_mb=cfg.bucket_cap_mb, static_graph=cfg.static_graph)
+    ddp = DDP(
+        model,
+        device_ids=[env.device.index] if env.device.type == "cuda" else None,
+        bucket_cap_mb=cfg.bucket_cap_mb,
+        static_graph=cfg.static_graph,
+    )
     _register_comm_hook(ddp, cfg)
     return ddp
 
@@ -53,8 +64,10 @@ def _register_comm_hook(ddp: DDP, cfg: ParallelConfig) -> None:
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif cfg.grad_compression == "powersgd":
         state = powerSGD_hook.PowerSGDState(
-            process_group=None, matrix_approximation_rank=cfg.powersgd_rank,
-            start_powerSGD_iter=max(2, cfg.powersgd_start_step))
+            process_group=None,
+            matrix_approximation_rank=cfg.powersgd_rank,
+            start_powerSGD_iter=max(2, cfg.powersgd_start_step),
+        )
         ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
 
 
@@ -66,17 +79,20 @@ def _bf16_hook(state, bucket):  # type: ignore[no-untyped-def]
     return default_hooks.bf16_compress_hook(state, bucket)
 
 
-def _shard(model: nn.Module, cfg: ParallelConfig, precision: PrecisionConfig,
-           env: DistEnv) -> nn.Module:
+def _shard(
+    model: nn.Module, cfg: ParallelConfig, precision: PrecisionConfig, env: DistEnv
+) -> nn.Module:
     """FSDP2 per block (a model's `fsdp_units()`, e.g. GPT's transformer blocks), then the root.
     The mesh is built for the run's own device: a CPU/gloo run stays on CPU even on a GPU box."""
     mesh = init_device_mesh(env.device.type, (env.world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision.dtype],
-                                  reduce_dtype=DTYPES[precision.reduce_dtype])
+    policy = MixedPrecisionPolicy(
+        param_dtype=DTYPES[precision.dtype], reduce_dtype=DTYPES[precision.reduce_dtype]
+    )
     units = model.fsdp_units() if hasattr(model, "fsdp_units") else []
     for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy,
-                    reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(
+            unit, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward
+        )
     # The root keeps the rest (embeddings, tied head); it is used right after the last block,
     # so resharding it after forward would only gather it again for backward.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
@@ -100,6 +116,6 @@ def grad_sync(model: nn.Module, enabled: bool) -> AbstractContextManager[Any]:
 
 def local_numel(model: nn.Module) -> int:
     """Parameter elements this rank stores (its shards under FSDP2)."""
-    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-               for p in model.parameters())
-
+    return sum(
+        p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters()
+    )

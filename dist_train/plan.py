@@ -39,17 +39,19 @@ class Plan:
 
     def format(self) -> str:
         gib = self.state_bytes_per_rank / 2**30
-        return "\n".join([
-            "plan:",
-            f"  world_size: {self.world_size} ({self.backend} on {self.device}, strategy {self.strategy})",
-            f"  global_batch_size: {self.global_batch_size} = micro_batch_size {self.micro_batch_size}"
-            f" x accumulation_steps {self.accumulation_steps} x world_size {self.world_size}",
-            f"  data: {self.train_samples} train / {self.val_samples} validation samples",
-            f"  parameters: {self.parameters:,} ({self.parameters / 1e6:.2f} M)",
-            f"  memory per rank (weights, grads, optimizer state): {gib:.3f} GiB + activations",
-            f"  resume: {f'step {self.resume_step} from {self.resume_from}' if self.resume_from else 'fresh start'}",
-            *(f"  note: {note}" for note in self.notes),
-        ])
+        return "\n".join(
+            [
+                "plan:",
+                f"  world_size: {self.world_size} ({self.backend} on {self.device}, strategy {self.strategy})",
+                f"  global_batch_size: {self.global_batch_size} = micro_batch_size {self.micro_batch_size}"
+                f" x accumulation_steps {self.accumulation_steps} x world_size {self.world_size}",
+                f"  data: {self.train_samples} train / {self.val_samples} validation samples",
+                f"  parameters: {self.parameters:,} ({self.parameters / 1e6:.2f} M)",
+                f"  memory per rank (weights, grads, optimizer state): {gib:.3f} GiB + activations",
+                f"  resume: {f'step {self.resume_step} from {self.resume_from}' if self.resume_from else 'fresh start'}",
+                *(f"  note: {note}" for note in self.notes),
+            ]
+        )
 
 
 def device_kind(cfg: RunConfig) -> str:
@@ -74,15 +76,27 @@ def build_plan(cfg: RunConfig, world_size: int) -> Plan:
         check_compatible(cfg, manifest, resume_from)
         check_files(manifest, resume_from)
         resume_step, saved_world = manifest["step"], manifest.get("world_size")
-    return Plan(world_size, device, "nccl" if device == "cuda" else "gloo", strategy,
-                micro_batch_size(cfg, world_size), accum, cfg.train.global_batch_size,
-                len(data.train), len(data.val) if data.val is not None else 0,
-                count_parameters(model), 4 if cfg.optim.name == "sgd" else 8,
-                str(resume_from) if resume_from else None, resume_step,
-                dropout_notes(cfg, world_size, accum, saved_world))
+    return Plan(
+        world_size,
+        device,
+        "nccl" if device == "cuda" else "gloo",
+        strategy,
+        micro_batch_size(cfg, world_size),
+        accum,
+        cfg.train.global_batch_size,
+        len(data.train),
+        len(data.val) if data.val is not None else 0,
+        count_parameters(model),
+        4 if cfg.optim.name == "sgd" else 8,
+        str(resume_from) if resume_from else None,
+        resume_step,
+        dropout_notes(cfg, world_size, accum, saved_world),
+    )
 
 
-def dropout_notes(cfg: RunConfig, world_size: int, accum: int, saved_world: int | None) -> list[str]:
+def dropout_notes(
+    cfg: RunConfig, world_size: int, accum: int, saved_world: int | None
+) -> list[str]:
     """Exactness across world sizes and accumulation holds only without dropout: each rank (and
     each micro-batch) draws its own masks, so the training differs by sampling noise."""
     dropout = cfg.model.dropout if not cfg.model._target_ else 0.0
@@ -90,11 +104,15 @@ def dropout_notes(cfg: RunConfig, world_size: int, accum: int, saved_world: int 
         return []
     notes = []
     if world_size > 1 or accum > 1:
-        notes.append(f"model.dropout={dropout:g}: each rank draws its own dropout masks, so this "
-                     "run matches 1 worker without accumulation only statistically, not to "
-                     "float tolerance (set model.dropout=0 for exact equivalence)")
+        notes.append(
+            f"model.dropout={dropout:g}: each rank draws its own dropout masks, so this "
+            "run matches 1 worker without accumulation only statistically, not to "
+            "float tolerance (set model.dropout=0 for exact equivalence)"
+        )
     if saved_world is not None and saved_world != world_size:
-        notes.append(f"model.dropout={dropout:g}: the checkpoint was written by {saved_world} "
-                     f"worker(s), this run has {world_size}; the data order continues unchanged "
-                     "but the dropout random streams start anew")
+        notes.append(
+            f"model.dropout={dropout:g}: the checkpoint was written by {saved_world} "
+            f"worker(s), this run has {world_size}; the data order continues unchanged "
+            "but the dropout random streams start anew"
+        )
     return notes

@@ -61,7 +61,10 @@ class Precision:
         """Extra metrics for log steps (a host sync, so only there)."""
         if not self.scaler:
             return {}
-        return {"loss_scale": self.scaler.get_scale(), "skipped_steps": int(self.skipped_steps.item())}
+        return {
+            "loss_scale": self.scaler.get_scale(),
+            "skipped_steps": int(self.skipped_steps.item()),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         if not self.scaler:
@@ -85,5 +88,8 @@ def check_supported(dtype: str, device: torch.device) -> None:
         with torch.autocast(device.type, dtype=DTYPES[dtype]):
             pass
     if any("not supported" in str(w.message) for w in caught):
-        raise ConfigError("precision.dtype", dtype,
-                          f"autocast to {dtype} is not supported on {device.type} by this torch build")
+        raise ConfigError(
+            "precision.dtype",
+            dtype,
+            f"autocast to {dtype} is not supported on {device.type} by this torch build",
+        )

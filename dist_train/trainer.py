@@ -44,27 +44,42 @@ class FitResult:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env: DistEnv, data: Data, model: nn.Module,
-                 optimizer: torch.optim.Optimizer, precision: Precision,
-                 checkpointer: Checkpointer, state: TrainState, logger: MetricsLogger) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        env: DistEnv,
+        data: Data,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        precision: Precision,
+        checkpointer: Checkpointer,
+        state: TrainState,
+        logger: MetricsLogger,
+    ) -> None:
         self.cfg, self.env, self.data, self.model = cfg, env, data, model
         self.optimizer, self.precision, self.checkpointer = optimizer, precision, checkpointer
         self.state, self.logger = state, logger
         self.loss_fn = build_loss(data.spec)
         self.accum = accumulation_steps(cfg, env.world_size)
         self.micro_batch_size = micro_batch_size(cfg, env.world_size)
-        self.sampler = GlobalBatchSampler(len(data.train), cfg.train.global_batch_size, cfg.train.seed)
+        self.sampler = GlobalBatchSampler(
+            len(data.train), cfg.train.global_batch_size, cfg.train.seed
+        )
         flops = getattr(unwrap(model), "flops_per_token", None)
         peak = peak_flops(cfg.log, env.device, cfg.precision.dtype)
         self._mfu_inputs = (flops(), peak) if flops is not None and peak else None
         # Loss summed on the device between log steps: no host sync on steps that do not log.
         self._interval_loss = torch.zeros((), device=env.device)
 
-    def _to_device(self, indices: torch.Tensor, dataset: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_device(
+        self, indices: torch.Tensor, dataset: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = dataset.get_batch(indices)  # type: ignore[attr-defined]
         if self.env.device.type == "cuda":
-            return (x.pin_memory().to(self.env.device, non_blocking=True),
-                    y.pin_memory().to(self.env.device, non_blocking=True))
+            return (
+                x.pin_memory().to(self.env.device, non_blocking=True),
+                y.pin_memory().to(self.env.device, non_blocking=True),
+            )
         return x, y
 
     def train_step(self, step: int, measure_norm: bool) -> torch.Tensor | None:
@@ -82,8 +97,9 @@ class Trainer:
                 self.precision.backward(loss)
             self._interval_loss += loss.detach()
         self.precision.unscale_(self.optimizer)
-        norm = clip_and_measure(self.model, self.cfg.optim.grad_clip,
-                                measure_norm or self.precision.needs_grad_norm)
+        norm = clip_and_measure(
+            self.model, self.cfg.optim.grad_clip, measure_norm or self.precision.needs_grad_norm
+        )
         self.precision.step(self.optimizer, norm)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -94,8 +110,9 @@ class Trainer:
         ranks exactly like training batches and averaged over all of them."""
         if self.data.val is None or self.cfg.train.eval_batches <= 0:
             return None
-        sampler = GlobalBatchSampler(len(self.data.val), self.cfg.train.global_batch_size,
-                                     self.cfg.train.seed)
+        sampler = GlobalBatchSampler(
+            len(self.data.val), self.cfg.train.global_batch_size, self.cfg.train.seed
+        )
         model = unwrap(self.model)
         model.eval()
         totals = torch.zeros(2, device=self.env.device)  # loss * samples, samples
@@ -110,8 +127,13 @@ class Trainer:
         all_reduce_mean(totals, self.env)  # the ratio is what matters; mean == sum / world
         return (totals[0] / totals[1]).item()
 
-    def maybe_log(self, norm: torch.Tensor | None, interval: tuple[int, float],
-                  result: FitResult, start: float) -> bool:
+    def maybe_log(
+        self,
+        norm: torch.Tensor | None,
+        interval: tuple[int, float],
+        result: FitResult,
+        start: float,
+    ) -> bool:
         """At log steps: reduce the interval's loss over ranks (every rank joins) and write."""
         step, (last_step, last_time) = self.state.step, interval
         if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps:
@@ -120,12 +142,20 @@ class Trainer:
         self._interval_loss.zero_()
         now = time.perf_counter()
         samples_per_sec = (step - last_step) * self.cfg.train.global_batch_size / (now - last_time)
-        record = {"step": step, "loss": loss, "lr": lr_at(step - 1, self.cfg.optim, self.cfg.train.max_steps),
-                  "grad_norm": None if norm is None else norm.item(),
-                  "samples_per_sec": samples_per_sec,
-                  "tokens_per_sec": (samples_per_sec * self.data.spec.tokens_per_sample
-                                     if self.data.spec.tokens_per_sample else None),
-                  "elapsed_sec": now - start, **self.precision.log_fields()}
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": lr_at(step - 1, self.cfg.optim, self.cfg.train.max_steps),
+            "grad_norm": None if norm is None else norm.item(),
+            "samples_per_sec": samples_per_sec,
+            "tokens_per_sec": (
+                samples_per_sec * self.data.spec.tokens_per_sample
+                if self.data.spec.tokens_per_sample
+                else None
+            ),
+            "elapsed_sec": now - start,
+            **self.precision.log_fields(),
+        }
         if self._mfu_inputs and record["tokens_per_sec"]:
             record["mfu"] = mfu(record["tokens_per_sec"], *self._mfu_inputs, self.env.world_size)
         result.losses[step] = loss
@@ -154,9 +184,11 @@ class Trainer:
     def fit(self) -> FitResult:
         result = FitResult()
         if self.state.step >= self.cfg.train.max_steps:
-            self.logger.print(f"done already: {self.cfg.train.run_dir} holds a checkpoint at step "
-                              f"{self.state.step} (train.max_steps={self.cfg.train.max_steps}); "
-                              "raise train.max_steps to train further")
+            self.logger.print(
+                f"done already: {self.cfg.train.run_dir} holds a checkpoint at step "
+                f"{self.state.step} (train.max_steps={self.cfg.train.max_steps}); "
+                "raise train.max_steps to train further"
+            )
             return result
         self.model.train()
         start = time.perf_counter()
@@ -179,7 +211,8 @@ class Trainer:
             f"done: {self.state.step} steps in {time.perf_counter() - start:.1f} s"
             + (f", loss {last:.4f}" if last is not None else "")
             + (f", val_loss {val:.4f}" if val is not None else "")
-            + f"; metrics in {Path(self.cfg.train.run_dir) / 'metrics.jsonl'}")
+            + f"; metrics in {Path(self.cfg.train.run_dir) / 'metrics.jsonl'}"
+        )
         return result
 
     def close(self) -> None:
@@ -232,8 +265,12 @@ def build_trainer(cfg: RunConfig, env: DistEnv) -> Trainer:
     run_dir = Path(cfg.train.run_dir)
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir if env.is_main else None, cfg.log, cfg.train.max_steps,
-                           append=resume_from is not None)
+    logger = MetricsLogger(
+        run_dir if env.is_main else None,
+        cfg.log,
+        cfg.train.max_steps,
+        append=resume_from is not None,
+    )
     if resume_from is not None:
         logger.print(f"resumed from {resume_from} at step {state.step}")
     return Trainer(cfg, env, data, model, optimizer, precision, checkpointer, state, logger)

@@ -13,7 +13,7 @@ MIN_TORCH = (2, 9)
 
 
 def parse_version(text: str) -> tuple[int, ...]:
-    """"2.13.0+cpu" -> (2, 13, 0), "2.10.0rc1" -> (2, 10, 0): the leading dotted numbers."""
+    """ "2.13.0+cpu" -> (2, 13, 0), "2.10.0rc1" -> (2, 10, 0): the leading dotted numbers."""
     match = re.match(r"\d+(\.\d+)*", text)
     return tuple(int(part) for part in match.group(0).split(".")) if match else ()
 
@@ -29,5 +29,9 @@ def check_torch_version(installed: str | None = None) -> None:
             installed = torch.__version__
     if parse_version(installed)[:2] < MIN_TORCH:
         need = ".".join(map(str, MIN_TORCH))
-        raise ConfigError("torch", installed, f"dist_train needs torch >= {need}; "
-                          f"install a newer build, e.g. pip install 'torch>={need}'")
+        raise ConfigError(
+            "torch",
+            installed,
+            f"dist_train needs torch >= {need}; "
+            f"install a newer build, e.g. pip install 'torch>={need}'",
+        )

@@ -28,11 +28,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, out: str,
-               args: tuple[Any, ...]) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _rank_main(
+    fn: Callable[..., Any], rank: int, world_size: int, port: int, out: str, args: tuple[Any, ...]
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)  # two ranks on two cores
     try:
         result = fn(*args)
@@ -45,15 +51,18 @@ def _rank_main(fn: Callable[..., Any], rank: int, world_size: int, port: int, ou
     torch.save(result, Path(out, f"rank{rank}.pt"))
 
 
-def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any,
-                 timeout: float = 180.0) -> list[Any]:
+def run_on_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0
+) -> list[Any]:
     """Run `fn(*args)` on `world_size` spawned processes with torchrun's environment variables
     set; return each rank's result. A rank that fails or hangs fails the test (no leftovers)."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as out:
         port = free_port()
-        procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, out, args))
-                 for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_rank_main, args=(fn, r, world_size, port, out, args))
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -70,8 +79,9 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any,
         return [torch.load(Path(out, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: float = 300.0,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The installed `dist-train` script, as a user runs it. By default from an empty temporary
     directory: relative run directories land there, and `configs/NAME.yaml` resolves to the
     shipped config, so no test reads or writes the checkout's own `runs/`."""
@@ -79,8 +89,15 @@ def cli(*args: str, cwd: Path | None = None, timeout: float = 300.0,
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
         full_env.pop(var, None)
     with tempfile.TemporaryDirectory(prefix="dist_train_cwd_") as scratch:
-        return subprocess.run([str(CLI), *args], cwd=cwd or scratch, capture_output=True,
-                              text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [str(CLI), *args],
+            cwd=cwd or scratch,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 # What a user's own work in the checkout looks like: no test may create, change or delete it.
@@ -100,8 +117,9 @@ def tree_fingerprint(root: Path, names: tuple[str, ...] = GUARDED) -> dict[str, 
     return found
 
 
-def fingerprint_changes(before: dict[str, tuple[int, int]],
-                        after: dict[str, tuple[int, int]]) -> list[str]:
+def fingerprint_changes(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+) -> list[str]:
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
@@ -113,15 +131,25 @@ def repo_left_alone() -> Any:
     yield
     changed = fingerprint_changes(before, tree_fingerprint(REPO))
     if changed:
-        pytest.fail(f"the test changed {', '.join(changed[:5])} in the repository; tests must "
-                    "write only under tmp_path (set train.run_dir / --out)", pytrace=False)
+        pytest.fail(
+            f"the test changed {', '.join(changed[:5])} in the repository; tests must "
+            "write only under tmp_path (set train.run_dir / --out)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)
 def clean_dist_env(monkeypatch: pytest.MonkeyPatch) -> Any:
     """No test sees another's torchrun variables or process group."""
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+    for var in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_RUN_ID",
+    ):
         monkeypatch.delenv(var, raising=False)
     yield
     if dist.is_initialized():
@@ -132,8 +160,9 @@ class StopTraining(Exception):
     """Raised by a test hook to cut a run short, as a crash or a kill would."""
 
 
-def train_in_process(overrides: list[str], stop_at: int | None = None,
-                     config: str | Path | None = None) -> dict[str, Any]:
+def train_in_process(
+    overrides: list[str], stop_at: int | None = None, config: str | Path | None = None
+) -> dict[str, Any]:
     """Train in this process (a rank when RANK etc. are set): losses per step, full weights,
     and what this rank stores locally. `stop_at=N` interrupts the run right after step N;
     `config` is a YAML file under the overrides."""
@@ -147,6 +176,7 @@ def train_in_process(overrides: list[str], stop_at: int | None = None,
     with dist_session(env, timeout_s=120):
         trainer = build_trainer(cfg, env)
         if stop_at is not None:
+
             def stop(module: torch.nn.Module, *_: Any) -> None:
                 if trainer.state.step == stop_at and module.training:  # not in evaluation
                     raise StopTraining
@@ -158,29 +188,57 @@ def train_in_process(overrides: list[str], stop_at: int | None = None,
             trainer.close()
             return {"stopped_at": trainer.state.step}
         model = unwrap(trainer.model)
-        params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-                  for k, v in model.state_dict().items()}
-        meshes = {p.device_mesh.device_type for p in model.parameters() if hasattr(p, "device_mesh")}
-        out = {"losses": result.losses, "val": result.val_losses, "params": params,
-               "local_numel": local_numel(model), "numel": sum(p.numel() for p in model.parameters()),
-               "devices": {p.device.type for p in model.parameters()}, "meshes": meshes,
-               "wrapper": type(trainer.model).__name__, "sample": result.sample}
+        params = {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()
+        }
+        meshes = {
+            p.device_mesh.device_type for p in model.parameters() if hasattr(p, "device_mesh")
+        }
+        out = {
+            "losses": result.losses,
+            "val": result.val_losses,
+            "params": params,
+            "local_numel": local_numel(model),
+            "numel": sum(p.numel() for p in model.parameters()),
+            "devices": {p.device.type for p in model.parameters()},
+            "meshes": meshes,
+            "wrapper": type(trainer.model).__name__,
+            "sample": result.sample,
+        }
         trainer.close()
     return out
 
 
 # Small GPT settings shared by tests that train: seconds, not minutes, on 2 cores.
-TINY_GPT = ["train.device=cpu", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-            "data.max_chars=100000", "train.eval_batches=2", "log.progress=never"]
+TINY_GPT = [
+    "train.device=cpu",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "data.max_chars=100000",
+    "train.eval_batches=2",
+    "log.progress=never",
+]
 
 # Exactness runs: fp32, no dropout, every step logged. SGD is kept on purpose: only SGD exposes a
 # gradient summed over ranks instead of averaged (Adam is nearly blind to the scale).
 STEPS = 24
-EXACT_RUN = [*TINY_GPT, f"train.max_steps={STEPS}", "train.global_batch_size=8",
-             "log.every_steps=1", "train.eval_every=12", "optim.warmup_steps=3",
-             "optim.grad_clip=1.0", "model.dropout=0.0"]
-OPTIMIZERS = {"adamw": ["optim.name=adamw", "optim.lr=1e-3"],
-              "sgd": ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"]}
+EXACT_RUN = [
+    *TINY_GPT,
+    f"train.max_steps={STEPS}",
+    "train.global_batch_size=8",
+    "log.every_steps=1",
+    "train.eval_every=12",
+    "optim.warmup_steps=3",
+    "optim.grad_clip=1.0",
+    "model.dropout=0.0",
+]
+OPTIMIZERS = {
+    "adamw": ["optim.name=adamw", "optim.lr=1e-3"],
+    "sgd": ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"],
+}
 
 
 def assert_same_training(a: dict[str, Any], b: dict[str, Any], rel: float = 1e-5) -> None:

@@ -30,12 +30,18 @@ from dist_train.errors import ConfigError
 from conftest import REPO, cli
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
-TINY = ("model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=16",
-        "data.max_chars=20000")
+TINY = (
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=16",
+    "data.max_chars=20000",
+)
 CPU1 = DistEnv(0, 0, 1, 1, torch.device("cpu"), "gloo")
 
 
 # --- statistics -------------------------------------------------------------------------------
+
 
 def test_quantiles_interpolate_like_numpy() -> None:
     xs = [7.0, 1.0, 3.0, 5.0]
@@ -92,16 +98,22 @@ def test_measure_interleaved_warms_up_then_alternates() -> None:
 
 # --- report and JSON -------------------------------------------------------------------------
 
+
 def _report() -> BenchReport:
     # Two steps per round; a round's figure is the median of its steps.
-    times = {"x": [[0.010, 0.010], [0.011, 0.013], [0.011, 0.011]],
-             "y": [[0.010, 0.010], [0.009, 0.011], [0.010, 0.010]]}
+    times = {
+        "x": [[0.010, 0.010], [0.011, 0.013], [0.011, 0.011]],
+        "y": [[0.010, 0.010], [0.009, 0.011], [0.010, 0.010]],
+    }
     rows = timing_rows(times, {"x": 16, "y": 16}, tokens_per_sample=64)
-    return BenchReport("demo", {"nan": float("nan"), "nested": {"inf": float("inf")}}, rows,
-                       [Column("step_time_s.median", "step ms", 1e3, ".2f")],
-                       ratios={"x/y": ratio_summary(round_medians(times["x"]),
-                                                    round_medians(times["y"]))},
-                       notes=["a note"])
+    return BenchReport(
+        "demo",
+        {"nan": float("nan"), "nested": {"inf": float("inf")}},
+        rows,
+        [Column("step_time_s.median", "step ms", 1e3, ".2f")],
+        ratios={"x/y": ratio_summary(round_medians(times["x"]), round_medians(times["y"]))},
+        notes=["a note"],
+    )
 
 
 def test_json_holds_every_raw_figure_and_is_strict(tmp_path: Path) -> None:
@@ -128,6 +140,7 @@ def test_table_shows_contenders_and_ratios() -> None:
 
 # --- command line ----------------------------------------------------------------------------
 
+
 def test_registry_and_parser() -> None:
     names = [b.name for b in BENCHMARKS]
     assert names == ["overhead", "accelerate", "allreduce", "scaling", "strategies", "checkpoint"]
@@ -135,22 +148,32 @@ def test_registry_and_parser() -> None:
     with pytest.raises(ConfigError):
         get_benchmark("nope")
     args = build_parser().parse_args(["bench", "allreduce", "--steps", "3", "x.yaml", "a=1"])
-    assert (args.bench.name, args.nproc, args.steps, args.overrides) == ("allreduce", 2, 3,
-                                                                        ["x.yaml", "a=1"])
+    assert (args.bench.name, args.nproc, args.steps, args.overrides) == (
+        "allreduce",
+        2,
+        3,
+        ["x.yaml", "a=1"],
+    )
     assert split_config(["a=1", "cfg.yaml", "b=2"]) == ("cfg.yaml", ["a=1", "b=2"])
     assert split_config(["a=1"])[0] == QUICKSTART
     with pytest.raises(ConfigError):
         split_config(["one.yaml", "two.yaml"])
 
 
-@pytest.mark.parametrize(("argv", "key"), [
-    (["bench", "allreduce", "--nproc", "1"], "--nproc"),
-    (["bench", "overhead", "--steps", "0"], "--steps"),
-    (["bench", "overhead", "model.n_layers=2"], "model.n_layers"),
-    (["bench", "overhead", "train.global_batch_size=15", "--nproc", "2"],
-     "train.global_batch_size"),
-    (["bench", "accelerate", "--nproc", "2", "parallel.strategy=fsdp"], "parallel.strategy"),
-    (["bench", "accelerate", "precision.dtype=fp16", "train.device=cpu"], "precision.dtype")])
+@pytest.mark.parametrize(
+    ("argv", "key"),
+    [
+        (["bench", "allreduce", "--nproc", "1"], "--nproc"),
+        (["bench", "overhead", "--steps", "0"], "--steps"),
+        (["bench", "overhead", "model.n_layers=2"], "model.n_layers"),
+        (
+            ["bench", "overhead", "train.global_batch_size=15", "--nproc", "2"],
+            "train.global_batch_size",
+        ),
+        (["bench", "accelerate", "--nproc", "2", "parallel.strategy=fsdp"], "parallel.strategy"),
+        (["bench", "accelerate", "precision.dtype=fp16", "train.device=cpu"], "precision.dtype"),
+    ],
+)
 def test_input_errors_surface_in_the_parent(argv: list[str], key: str) -> None:
     args = build_parser().parse_args(argv)
     with pytest.raises(ConfigError) as e:
@@ -163,8 +186,11 @@ def test_missing_optional_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> 
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "accelerate" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "accelerate" else real(name, *a),
+    )
     args = build_parser().parse_args(["bench", "accelerate"])
     with pytest.raises(ConfigError, match=r"pip install 'dist-train\[accelerate\]'") as e:
         args.func(args)
@@ -173,21 +199,25 @@ def test_missing_optional_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> 
 
 # --- smoke runs: every field present, positive and finite (no timing assertions) -----------
 
+
 def _finite_positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def smoke(name: str, nproc: int, *overrides: str) -> dict[str, Any]:
-    args = BenchArgs(name, QUICKSTART, (*TINY, *overrides), nproc=nproc, steps=2, warmup=1,
-                     repeats=2, threads=1)
+    args = BenchArgs(
+        name, QUICKSTART, (*TINY, *overrides), nproc=nproc, steps=2, warmup=1, repeats=2, threads=1
+    )
     report = load_runner(get_benchmark(name))(args)
     data = report.to_json()
     assert data["benchmark"] == name and data["settings"]["args"]["nproc"] == nproc
     assert data["settings"]["threads"] == 1 and data["settings"]["world_size"] == nproc
     assert format_table(report).startswith(f"== bench {name} ==")
     for label, ratio in data["ratios"].items():
-        assert all(_finite_positive(ratio[k]) for k in ("median", "q1", "q3", "min", "max",
-                                                        "ratio_of_medians")), label
+        assert all(
+            _finite_positive(ratio[k])
+            for k in ("median", "q1", "q3", "min", "max", "ratio_of_medians")
+        ), label
         assert len(ratio["per_round"]) == 2
     return data
 
@@ -261,8 +291,19 @@ def test_smoke_scaling() -> None:
 @pytest.mark.slow
 def test_cli_writes_table_and_json(tmp_path: Path) -> None:
     out = tmp_path / "o.json"
-    proc = cli("bench", "overhead", "--steps", "2", "--warmup", "1", "--repeats", "2",
-               "--out", str(out), *TINY)
+    proc = cli(
+        "bench",
+        "overhead",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "--out",
+        str(out),
+        *TINY,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "step time dist_train/raw_torch:" in proc.stdout and str(out) in proc.stdout
     assert json.loads(out.read_text())["benchmark"] == "overhead"
@@ -278,9 +319,10 @@ STRATEGY_ROWS = [f"{s} {d}" for s in ("ddp", "fsdp", "none") for d in ("fp32", "
 def test_strategies_is_registered_and_refuses_compression() -> None:
     bench = get_benchmark("strategies")
     assert (bench.nproc, bench.min_nproc) == (2, 2) and callable(load_runner(bench))
-    for argv, key in ((["bench", "strategies", "parallel.grad_compression=bf16"],
-                       "parallel.grad_compression"),
-                      (["bench", "strategies", "--nproc", "1"], "--nproc")):
+    for argv, key in (
+        (["bench", "strategies", "parallel.grad_compression=bf16"], "parallel.grad_compression"),
+        (["bench", "strategies", "--nproc", "1"], "--nproc"),
+    ):
         args = build_parser().parse_args(argv)
         with pytest.raises(ConfigError) as e:
             args.func(args)
@@ -316,8 +358,10 @@ def test_smoke_strategies() -> None:
         assert _finite_positive(row["state_bytes"]) and _finite_positive(row["state_vs_base"])
         assert len(row["memory_per_rank"]) == workers  # `none` lives on rank 0 only
         for rank in row["memory_per_rank"]:
-            assert all(_finite_positive(rank[k]) for k in ("params_bytes", "grads_bytes",
-                                                           "optim_bytes", "state_bytes"))
+            assert all(
+                _finite_positive(rank[k])
+                for k in ("params_bytes", "grads_bytes", "optim_bytes", "state_bytes")
+            )
             assert rank["cuda_peak_bytes"] is None  # CPU: no allocator statistics
             assert (rank["ddp_bucket_bytes"] > 0) == name.startswith("ddp")
     assert rows["ddp fp32"]["step_time_vs_base"]["per_round"] == [1.0, 1.0]
@@ -335,21 +379,39 @@ def test_smoke_strategies() -> None:
 # --- bench checkpoint ------------------------------------------------------------------------
 
 CKPT_PARAMS = "300000"  # 1.2 MB of state: every phase takes milliseconds
-CKPT_ROWS = ["dcp save (sync)", "dcp async save: blocking", "dcp async save: total",
-             "raw write+fsync (new file)", "raw write+fsync (in place)",
-             "torch.save+fsync (new file)", "memcopy (clone)", "memcopy (into buffer)",
-             "dcp load", "torch.load", "torch.load+load_state_dict", "raw read",
-             "slow dcp save (sync)",
-             "slow dcp async save: blocking", "slow dcp async save: total", "train",
-             "train + bg save"]
+CKPT_ROWS = [
+    "dcp save (sync)",
+    "dcp async save: blocking",
+    "dcp async save: total",
+    "raw write+fsync (new file)",
+    "raw write+fsync (in place)",
+    "torch.save+fsync (new file)",
+    "memcopy (clone)",
+    "memcopy (into buffer)",
+    "dcp load",
+    "torch.load",
+    "torch.load+load_state_dict",
+    "raw read",
+    "slow dcp save (sync)",
+    "slow dcp async save: blocking",
+    "slow dcp async save: total",
+    "train",
+    "train + bg save",
+]
 
 
-@pytest.mark.parametrize(("name", "value"), [("DIST_TRAIN_BENCH_CKPT_PARAMS", "abc"),
-                                             ("DIST_TRAIN_BENCH_CKPT_PARAMS", "0"),
-                                             ("DIST_TRAIN_BENCH_CKPT_PARAMS", "1e15"),
-                                             ("DIST_TRAIN_BENCH_CKPT_SLOW_MBPS", "-5")])
-def test_checkpoint_sizes_are_checked_in_the_parent(monkeypatch: pytest.MonkeyPatch, name: str,
-                                                    value: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DIST_TRAIN_BENCH_CKPT_PARAMS", "abc"),
+        ("DIST_TRAIN_BENCH_CKPT_PARAMS", "0"),
+        ("DIST_TRAIN_BENCH_CKPT_PARAMS", "1e15"),
+        ("DIST_TRAIN_BENCH_CKPT_SLOW_MBPS", "-5"),
+    ],
+)
+def test_checkpoint_sizes_are_checked_in_the_parent(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
     bench = get_benchmark("checkpoint")
     assert (bench.nproc, bench.steps) == (1, 1) and callable(load_runner(bench))
     monkeypatch.setenv(name, value)
@@ -418,8 +480,13 @@ def test_plain_files_round_trip_retention_and_split_shares(tmp_path: Path) -> No
         files.torch_save()
     files.raw_write(in_place=True)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["inplace_rank0.bin", "pt_rank0_000003.bin", "pt_rank0_000005.bin",
-                     "raw_rank0_000002.bin", "raw_rank0_000004.bin"]
+    assert names == [
+        "inplace_rank0.bin",
+        "pt_rank0_000003.bin",
+        "pt_rank0_000005.bin",
+        "raw_rank0_000002.bin",
+        "raw_rank0_000004.bin",
+    ]
     files.raw_read()  # the newest raw file
     flat = torch.cat([tensors[k].flatten() for k in sorted(tensors)])
     assert torch.equal(files.scratch.view(torch.float32), flat)  # the share is sorted by name
@@ -432,7 +499,10 @@ def test_plain_files_round_trip_retention_and_split_shares(tmp_path: Path) -> No
     assert all(torch.equal(model.state_dict()[k], t) for k, t in tensors.items())
     files.release()
     files.copy_into_buffer()
-    assert files.bytes_written() == {"raw": 3 * 12 * 4, "torch.save": files.path("pt", 0).stat().st_size}
+    assert files.bytes_written() == {
+        "raw": 3 * 12 * 4,
+        "torch.save": files.path("pt", 0).stat().st_size,
+    }
     second = PlainFiles(tmp_path, model, DistEnv(1, 1, 2, 2, torch.device("cpu"), "gloo"))
     assert list(second.share) == ["1.weight"]  # rank 1 of 2 writes every other tensor
 
@@ -440,8 +510,9 @@ def test_plain_files_round_trip_retention_and_split_shares(tmp_path: Path) -> No
 def smoke_checkpoint(monkeypatch: pytest.MonkeyPatch, nproc: int) -> dict[str, Any]:
     """--steps 1 --warmup 0 --repeats 2: loads still find files to read (written first)."""
     monkeypatch.setenv("DIST_TRAIN_BENCH_CKPT_PARAMS", CKPT_PARAMS)
-    args = BenchArgs("checkpoint", QUICKSTART, TINY, nproc=nproc, steps=1, warmup=0, repeats=2,
-                     threads=1)
+    args = BenchArgs(
+        "checkpoint", QUICKSTART, TINY, nproc=nproc, steps=1, warmup=0, repeats=2, threads=1
+    )
     report = load_runner(get_benchmark("checkpoint"))(args)
     data = report.to_json()
     assert format_table(report).startswith("== bench checkpoint ==")

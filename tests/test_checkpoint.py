@@ -24,8 +24,15 @@ from conftest import TINY_GPT, assert_same_training, cli, run_on_ranks, train_in
 
 STEPS = 20
 # cosine schedule and warmup (both depend on max_steps) and dropout (needs the RNG restored)
-RUN = [*TINY_GPT, f"train.max_steps={STEPS}", "train.global_batch_size=8", "log.every_steps=1",
-       "optim.warmup_steps=3", "checkpoint.every_steps=10", "train.eval_every=10"]
+RUN = [
+    *TINY_GPT,
+    f"train.max_steps={STEPS}",
+    "train.global_batch_size=8",
+    "log.every_steps=1",
+    "optim.warmup_steps=3",
+    "checkpoint.every_steps=10",
+    "train.eval_every=10",
+]
 
 
 def steps(result: dict[str, Any], first: int) -> dict[int, float]:
@@ -35,7 +42,9 @@ def steps(result: dict[str, Any], first: int) -> dict[int, float]:
 def test_stop_and_resume_is_bitwise_identical(tmp_path: Path) -> None:
     run = [*RUN, "model.dropout=0.1"]
     full = train_in_process([*run, f"train.run_dir={tmp_path}/full"])
-    assert train_in_process([*run, f"train.run_dir={tmp_path}/cut"], stop_at=10) == {"stopped_at": 10}
+    assert train_in_process([*run, f"train.run_dir={tmp_path}/cut"], stop_at=10) == {
+        "stopped_at": 10
+    }
     assert [p.name for p in complete_checkpoints(tmp_path / "cut/checkpoints")] == ["step_0000010"]
     resumed = train_in_process([*run, f"train.run_dir={tmp_path}/cut"])
     assert steps(resumed, 11) == steps(full, 11)  # exact float equality, step by step
@@ -59,15 +68,17 @@ def test_resume_across_world_sizes_and_strategies(tmp_path: Path) -> None:
     train_in_process([*run, f"train.run_dir={tmp_path}/b"], stop_at=10)
     one_to_two = run_on_ranks(train_in_process, 2, [*run, f"train.run_dir={tmp_path}/b"])[0]
     run_on_ranks(train_in_process, 2, [*run, f"train.run_dir={tmp_path}/c"], 10)
-    ddp_to_fsdp = run_on_ranks(train_in_process, 2, [*run, "parallel.strategy=fsdp",
-                                                     f"train.run_dir={tmp_path}/c"])[1]
+    ddp_to_fsdp = run_on_ranks(
+        train_in_process, 2, [*run, "parallel.strategy=fsdp", f"train.run_dir={tmp_path}/c"]
+    )[1]
     later = {**ref, "losses": steps(ref, 11), "val": {20: ref["val"][20]}}
     for resumed in (two_to_one, one_to_two, ddp_to_fsdp):
         assert_same_training(later, resumed)
 
 
-def test_crash_during_save_leaves_previous_checkpoint(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_during_save_leaves_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = [*RUN, "checkpoint.every_steps=5", f"train.run_dir={tmp_path}"]
 
     def crash_before_commit(self: Any, saved: Any, tmp: Path) -> None:
@@ -87,8 +98,9 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path: Path,
     def crash_in_shard_write(*args: Any, **kwargs: Any) -> Any:
         raise OSError("disk vanished between shard writes")
 
-    monkeypatch.setattr(torch.distributed.checkpoint.FileSystemWriter, "write_data",
-                        crash_in_shard_write)
+    monkeypatch.setattr(
+        torch.distributed.checkpoint.FileSystemWriter, "write_data", crash_in_shard_write
+    )
     with pytest.raises(CheckpointException) as err:  # DCP's wrapper (a BaseException)
         train_in_process([*run, "train.max_steps=20"])  # resumes at 5, fails saving 10
     assert "disk vanished" in repr(err.value)
@@ -101,9 +113,16 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path: Path,
 
 
 def test_retention_keeps_exactly_keep_last(tmp_path: Path) -> None:
-    train_in_process([*TINY_GPT, "train.max_steps=50", "checkpoint.every_steps=10",
-                      "checkpoint.keep_last=3", "train.global_batch_size=4",
-                      f"train.run_dir={tmp_path}"])
+    train_in_process(
+        [
+            *TINY_GPT,
+            "train.max_steps=50",
+            "checkpoint.every_steps=10",
+            "checkpoint.keep_last=3",
+            "train.global_batch_size=4",
+            f"train.run_dir={tmp_path}",
+        ]
+    )
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_0000030", "step_0000040", "step_0000050"]
 
@@ -134,9 +153,15 @@ def test_export_roundtrip_init_from_and_freeze(tmp_path: Path) -> None:
     plain.load_state_dict(load_file(tmp_path / "model.safetensors"))  # strict
     for name, tensor in plain.state_dict().items():
         assert torch.equal(tensor, run["params"][name]), name
-    tuned = train_in_process([*RUN, f"model.init_from={tmp_path}/model.safetensors",
-                              "model.freeze=[wpe.*,blocks.0.*]", "train.max_steps=5",
-                              f"train.run_dir={tmp_path}/tune"])
+    tuned = train_in_process(
+        [
+            *RUN,
+            f"model.init_from={tmp_path}/model.safetensors",
+            "model.freeze=[wpe.*,blocks.0.*]",
+            "train.max_steps=5",
+            f"train.run_dir={tmp_path}/tune",
+        ]
+    )
     assert tuned["losses"][1] < run["losses"][1] - 0.2  # starts from the trained weights
     for name, tensor in tuned["params"].items():
         frozen = name.startswith(("wpe.", "blocks.0."))
@@ -146,8 +171,9 @@ def test_export_roundtrip_init_from_and_freeze(tmp_path: Path) -> None:
 def test_changed_model_is_refused_before_any_collective(tmp_path: Path) -> None:
     train_in_process([*RUN, "train.max_steps=2", f"train.run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"model\.n_embd \(32 -> 64\)") as err:
-        train_in_process([*RUN, "model.n_embd=64", "train.global_batch_size=16",
-                          f"train.run_dir={tmp_path}"])
+        train_in_process(
+            [*RUN, "model.n_embd=64", "train.global_batch_size=16", f"train.run_dir={tmp_path}"]
+        )
     assert "train.global_batch_size (8 -> 16)" in str(err.value)
     # harmless settings may change
     train_in_process([*RUN, "train.max_steps=4", "log.every_steps=2", f"train.run_dir={tmp_path}"])
@@ -155,7 +181,9 @@ def test_changed_model_is_refused_before_any_collective(tmp_path: Path) -> None:
     cfg = load_config(None, [*RUN, "model.n_embd=64"])
     other = build_model(cfg.model, build_data(cfg).spec)
     with pytest.raises(ConfigError, match=r"wte.weight \(\d+, 32\) in checkpoint vs \(\d+, 64\)"):
-        check_shapes({"model": other.state_dict()}, complete_checkpoints(tmp_path / "checkpoints")[-1])
+        check_shapes(
+            {"model": other.state_dict()}, complete_checkpoints(tmp_path / "checkpoints")[-1]
+        )
 
 
 def snapshot(root: Path) -> dict[str, int]:
@@ -165,8 +193,14 @@ def snapshot(root: Path) -> dict[str, int]:
 @pytest.mark.slow
 def test_bad_checkpoint_input_is_one_line_exit_2(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    base = ["train", "configs/quickstart.yaml", *TINY_GPT, "train.max_steps=4",
-            "train.global_batch_size=4", f"train.run_dir={run_dir}"]
+    base = [
+        "train",
+        "configs/quickstart.yaml",
+        *TINY_GPT,
+        "train.max_steps=4",
+        "train.global_batch_size=4",
+        f"train.run_dir={run_dir}",
+    ]
     assert cli(*base).returncode == 0
     assert "done already" in cli(*base).stdout  # the same command again: nothing to do
     assert "done already" in cli(*base, "--nproc", "2").stdout  # decided before spawning

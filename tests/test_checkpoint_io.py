@@ -33,9 +33,11 @@ def test_contiguous_runs_split_bytes_evenly_in_order() -> None:
 
 def _state(seed: int) -> dict[str, object]:
     g = torch.Generator().manual_seed(seed)
-    return {"model": {f"w{i}": torch.randn(50 + i, 7, generator=g) for i in range(9)},
-            "extra": {"step": seed, "name": f"run{seed}"},  # non-tensor items (bytes)
-            "scalar": torch.tensor(float(seed))}
+    return {
+        "model": {f"w{i}": torch.randn(50 + i, 7, generator=g) for i in range(9)},
+        "extra": {"step": seed, "name": f"run{seed}"},  # non-tensor items (bytes)
+        "scalar": torch.tensor(float(seed)),
+    }
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4, 32])
@@ -54,7 +56,7 @@ def test_threaded_reader_raises_a_thread_failure(tmp_path: Path) -> None:
     dcp.save(_state(1), checkpoint_id=tmp_path, no_dist=True)
     shard = next(tmp_path.glob("*.distcp"))
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2:] = bytes(len(data) - len(data) // 2)  # the second half zeroed
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)  # the second half zeroed
     shard.write_bytes(bytes(data))
     with pytest.raises(BaseException, match=r"(?i)zip|archive|record|pickle"):
         dcp.load(_state(2), storage_reader=ThreadedFileSystemReader(tmp_path, 4), no_dist=True)
@@ -69,8 +71,9 @@ def test_loaded_in_place_only_for_the_models_own_tensors() -> None:
 
 
 def test_load_restores_weights_and_async_stager_reuses_its_memory(tmp_path: Path) -> None:
-    cfg = load_config(None, [f"train.run_dir={tmp_path}", "checkpoint.async=true",
-                             "train.device=cpu"])
+    cfg = load_config(
+        None, [f"train.run_dir={tmp_path}", "checkpoint.async=true", "train.device=cpu"]
+    )
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
     opt = torch.optim.AdamW(model.parameters())
     ckpt = Checkpointer(cfg, CPU1, model, opt, Precision(cfg.precision, torch.device("cpu")))
@@ -80,7 +83,9 @@ def test_load_restores_weights_and_async_stager_reuses_its_memory(tmp_path: Path
     for step in (1, 2):
         expected = {k: v.clone() for k, v in model.state_dict().items()}
         ckpt.save(TrainState(step=step), blocking=False)
-        staged.append({s.data_ptr() for s in ckpt._stager._state_dict_stager._cached_storage_mapping.values()})
+        staged.append(
+            {s.data_ptr() for s in ckpt._stager._state_dict_stager._cached_storage_mapping.values()}
+        )
         ckpt.wait()
         with torch.no_grad():
             model[0].weight.add_(1.0)  # step 2 must hold the newer weights
@@ -94,16 +99,21 @@ def test_load_restores_weights_and_async_stager_reuses_its_memory(tmp_path: Path
     ckpt.load(tmp_path / "checkpoints/step_0000002", state)
     assert state.step == 2
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
-    assert all(torch.equal(opt.state[p]["exp_avg"], m) for p, m in zip(model.parameters(), moments, strict=True))
+    assert all(
+        torch.equal(opt.state[p]["exp_avg"], m)
+        for p, m in zip(model.parameters(), moments, strict=True)
+    )
     assert any(m.abs().sum() > 0 for m in moments)
     ckpt.close()
     assert ckpt._stager is None
 
 
 def test_close_releases_everything_even_when_the_background_write_failed(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = load_config(None, [f"train.run_dir={tmp_path}", "checkpoint.async=true",
-                             "train.device=cpu"])
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(
+        None, [f"train.run_dir={tmp_path}", "checkpoint.async=true", "train.device=cpu"]
+    )
     model = nn.Linear(8, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ckpt = Checkpointer(cfg, CPU1, model, opt, Precision(cfg.precision, torch.device("cpu")))

@@ -30,8 +30,13 @@ print("LOADED", *[m for m in ("torch", "torch.distributed.checkpoint", "accelera
 
 
 def modules_loaded(tmp_path: Path, *argv: str) -> list[str]:
-    proc = subprocess.run([sys.executable, "-c", IMPORTS_AFTER, *argv], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORTS_AFTER, *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc.stdout.splitlines()[-1].split()[1:]
 
 
@@ -47,19 +52,27 @@ def test_version_and_help_import_no_torch(tmp_path: Path) -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == f"dist-train {dist_train.__version__}"
     assert modules_loaded(tmp_path, "--help") == []  # --help costs no torch import
     # check builds the plan (torch) but reads checkpoints without DCP
-    assert modules_loaded(tmp_path, "check", "quickstart", f"train.run_dir={tmp_path}/r") == ["torch"]
+    assert modules_loaded(tmp_path, "check", "quickstart", f"train.run_dir={tmp_path}/r") == [
+        "torch"
+    ]
 
 
 def test_usage_and_launch_errors_are_one_line(tmp_path: Path) -> None:
     run = f"train.run_dir={tmp_path}/run"
-    one_line_error(cli("train", "quickstart", run, "--nproc", "0"), "error: --nproc=0: must be >= 1")
-    one_line_error(cli("check", "quickstart", run, "--max-restarts", "2"),
-                   "error: unrecognized arguments: --max-restarts")
+    one_line_error(
+        cli("train", "quickstart", run, "--nproc", "0"), "error: --nproc=0: must be >= 1"
+    )
+    one_line_error(
+        cli("check", "quickstart", run, "--max-restarts", "2"),
+        "error: unrecognized arguments: --max-restarts",
+    )
     one_line_error(cli("train"), "error: the following arguments are required: config")
     one_line_error(cli("trian"), "error: argument command: invalid choice")
     if not torch.cuda.is_available():
-        one_line_error(cli("train", "quickstart", run, "train.device=cuda"),
-                       "error: train.device='cuda': no CUDA GPU is visible")
+        one_line_error(
+            cli("train", "quickstart", run, "train.device=cuda"),
+            "error: train.device='cuda': no CUDA GPU is visible",
+        )
     assert not (tmp_path / "run").exists()
     help_text = cli("train", "--help").stdout
     assert "this node's index" in help_text and "nodes taking part" in help_text
@@ -76,8 +89,19 @@ def test_torch_floor() -> None:
 
 
 def plan(strategy: str, world_size: int) -> Plan:
-    return Plan(world_size, "cpu", "gloo", strategy, 4, 1, 4 * world_size, 100, 10,
-                parameters=1_000_000, optimizer_state_bytes=8)
+    return Plan(
+        world_size,
+        "cpu",
+        "gloo",
+        strategy,
+        4,
+        1,
+        4 * world_size,
+        100,
+        10,
+        parameters=1_000_000,
+        optimizer_state_bytes=8,
+    )
 
 
 def test_plan_memory_per_rank() -> None:

@@ -16,8 +16,15 @@ import pytest
 from conftest import CLI, REPO, TESTS, TINY_GPT, cli
 
 FIELDS = {"step", "loss", "lr", "grad_norm", "samples_per_sec", "tokens_per_sec", "elapsed_sec"}
-RUN = ["configs/quickstart.yaml", *TINY_GPT, "train.max_steps=40", "log.every_steps=10",
-       "train.eval_every=20", "train.sample_chars=40", "train.global_batch_size=8"]
+RUN = [
+    "configs/quickstart.yaml",
+    *TINY_GPT,
+    "train.max_steps=40",
+    "log.every_steps=10",
+    "train.eval_every=20",
+    "train.sample_chars=40",
+    "train.global_batch_size=8",
+]
 
 
 def train_records(run_dir: Path) -> list[dict]:
@@ -31,8 +38,11 @@ def assert_trained(proc: subprocess.CompletedProcess[str], run_dir: Path) -> lis
     assert [r["step"] for r in records] == [10, 20, 30, 40]
     assert all(set(r) == FIELDS for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
-    vals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "val_loss" in line]
+    vals = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "val_loss" in line
+    ]
     assert [v["step"] for v in vals] == [20, 40]
     assert (run_dir / "config.yaml").is_file()
     assert "--- sample (40 characters) ---" in proc.stdout and "done: 40 steps" in proc.stdout
@@ -44,8 +54,9 @@ def test_one_process_and_two_workers_train_the_same(tmp_path: Path) -> None:
     one = assert_trained(cli("train", *RUN, f"train.run_dir={tmp_path}/one"), tmp_path / "one")
     temp = tmp_path / "tmpdir"  # the system temp directory, as the launcher sees it
     temp.mkdir()
-    proc = cli("train", *RUN, "--nproc", "2", f"train.run_dir={tmp_path}/two",
-               env={"TMPDIR": str(temp)})
+    proc = cli(
+        "train", *RUN, "--nproc", "2", f"train.run_dir={tmp_path}/two", env={"TMPDIR": str(temp)}
+    )
     two = assert_trained(proc, tmp_path / "two")
     assert "2 workers" in proc.stdout
     # torchrun's agent keeps its folders in the run directory and a healthy launch leaves none
@@ -59,12 +70,28 @@ def test_plain_torchrun_and_python_m(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "dist_train", "train", *RUN, f"train.run_dir={tmp_path}/tr"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "dist_train",
+        "train",
+        *RUN,
+        f"train.run_dir={tmp_path}/tr",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert_trained(proc, tmp_path / "tr")
-    proc = subprocess.run([sys.executable, "-m", "dist_train", "check", *RUN], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dist_train", "check", *RUN],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0 and "world_size: 1" in proc.stdout
 
 
@@ -124,10 +151,24 @@ def wait_for_metrics(run_dir: Path, proc: subprocess.Popen[str], timeout: float 
 @pytest.mark.slow
 def test_ctrl_c_stops_all_workers(tmp_path: Path) -> None:
     run_dir = tmp_path / "interrupted"
-    cmd = [str(CLI), "train", *RUN, "--nproc", "2", "train.max_steps=100000", "log.every_steps=1",
-           f"train.run_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    cmd = [
+        str(CLI),
+        "train",
+        *RUN,
+        "--nproc",
+        "2",
+        "train.max_steps=100000",
+        "log.every_steps=1",
+        f"train.run_dir={run_dir}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_for_metrics(run_dir, proc)
         assert len(leftover_processes(str(run_dir))) >= 3  # the agent and two workers
@@ -145,13 +186,25 @@ def test_ctrl_c_stops_all_workers(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_crashed_worker_stops_the_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "crash"
-    proc = cli("train", "configs/mlp_synthetic.yaml", "--nproc", "2",
-               "model._target_=user_plugins.CrashOnRankOne", "model.kwargs.in_features=32",
-               "data.task=regression", "train.max_steps=50", f"train.run_dir={run_dir}",
-               timeout=120)
+    proc = cli(
+        "train",
+        "configs/mlp_synthetic.yaml",
+        "--nproc",
+        "2",
+        "model._target_=user_plugins.CrashOnRankOne",
+        "model.kwargs.in_features=32",
+        "data.task=regression",
+        "train.max_steps=50",
+        f"train.run_dir={run_dir}",
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "simulated worker crash" in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: worker rank 1 failed with exit code 1")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: worker rank 1 failed with exit code 1")
+    )
     assert leftover_processes(str(run_dir)) == []
 
 
@@ -162,8 +215,14 @@ def test_readme_quickstart_command(tmp_path: Path) -> None:
     command = readme.split("```bash\n", 1)[1].split("\n", 1)[0]
     assert command == "make train"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([*command.split(), f"ARGS=train.run_dir={tmp_path}/qs"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [*command.split(), f"ARGS=train.run_dir={tmp_path}/qs"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = train_records(tmp_path / "qs")
     assert records[-1]["step"] == 1000 and records[-1]["loss"] < 0.7 * records[0]["loss"]

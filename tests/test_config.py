@@ -36,23 +36,28 @@ def test_every_shipped_config_loads() -> None:
 
 
 def test_target_kwargs_are_free_form() -> None:
-    cfg = load_config(None, ["model._target_=user_plugins.TinyRegressor", "model.kwargs.in_features=8"])
+    cfg = load_config(
+        None, ["model._target_=user_plugins.TinyRegressor", "model.kwargs.in_features=8"]
+    )
     assert cfg.model.kwargs == {"in_features": 8}
 
 
-@pytest.mark.parametrize(("overrides", "key", "fragment"), [
-    (["model.nlayers=2"], "model.nlayers", "unknown key"),
-    (["bogus=1"], "bogus", "unknown key"),
-    (["model.n_layer=two"], "model.n_layer", "Integer"),
-    (["model.name=resnet"], "model.name", "gpt, mlp, cnn"),
-    (["optim.name=lion"], "optim.name", "adamw, adam, sgd"),
-    (["train.max_steps=0"], "train.max_steps", "> 0"),
-    (["model.n_embd=30", "model.n_head=4"], "model.n_embd", "divisible"),
-    (["model._target_=no_such_pkg.Model"], "model._target_", "cannot import"),
-    (["model._target_=user_plugins.Missing"], "model._target_", "no attribute"),
-    (["data._target_=Plain"], "data._target_", "package.module.Class"),
-    (["optim.lr"], "override", "key=value"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "key", "fragment"),
+    [
+        (["model.nlayers=2"], "model.nlayers", "unknown key"),
+        (["bogus=1"], "bogus", "unknown key"),
+        (["model.n_layer=two"], "model.n_layer", "Integer"),
+        (["model.name=resnet"], "model.name", "gpt, mlp, cnn"),
+        (["optim.name=lion"], "optim.name", "adamw, adam, sgd"),
+        (["train.max_steps=0"], "train.max_steps", "> 0"),
+        (["model.n_embd=30", "model.n_head=4"], "model.n_embd", "divisible"),
+        (["model._target_=no_such_pkg.Model"], "model._target_", "cannot import"),
+        (["model._target_=user_plugins.Missing"], "model._target_", "no attribute"),
+        (["data._target_=Plain"], "data._target_", "package.module.Class"),
+        (["optim.lr"], "override", "key=value"),
+    ],
+)
 def test_bad_config_names_key_and_value(overrides: list[str], key: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)

@@ -34,8 +34,9 @@ def test_sampler_covers_each_epoch_once_and_depends_on_seed() -> None:
 
 def test_text_file_windows_and_split(tmp_path: Path) -> None:
     (tmp_path / "t.txt").write_text("hello world, héllo wörld! " * 40, encoding="utf-8")
-    cfg = load_config(None, [f"data.path={tmp_path}/t.txt", "model.block_size=8",
-                             "data.val_fraction=0.25"])
+    cfg = load_config(
+        None, [f"data.path={tmp_path}/t.txt", "model.block_size=8", "data.val_fraction=0.25"]
+    )
     data = build_data(cfg)
     assert data.spec.task == "lm" and data.spec.vocab_size == len(set("hello world, héllo wörld! "))
     x, y = data.train.get_batch(torch.tensor([0, 5]))
@@ -78,8 +79,15 @@ def test_text_too_short_for_block(tmp_path: Path) -> None:
 
 
 def test_synthetic_is_deterministic_and_split() -> None:
-    cfg = load_config(None, ["data.name=synthetic", "data.num_samples=100", "data.val_fraction=0.2",
-                             "data.input_shape=[3,4,4]"])
+    cfg = load_config(
+        None,
+        [
+            "data.name=synthetic",
+            "data.num_samples=100",
+            "data.val_fraction=0.2",
+            "data.input_shape=[3,4,4]",
+        ],
+    )
     a, b = build_data(cfg), build_data(cfg)
     assert len(a.train) == 80 and len(a.val) == 20
     xa, ya = a.train.get_batch(torch.arange(5))

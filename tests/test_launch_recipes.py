@@ -33,20 +33,54 @@ def run(cmd: list[str], env: dict[str, str]) -> list[str]:
 def test_local(tmp_path: Path) -> None:
     env = fake_bin(tmp_path)
     assert run(["launch/local.sh", "c.yaml", "4", "optim.lr=1"], env) == [
-        "train", "c.yaml", "--nproc", "4", "optim.lr=1"]
+        "train",
+        "c.yaml",
+        "--nproc",
+        "4",
+        "optim.lr=1",
+    ]
     assert run(["launch/local.sh", "c.yaml"], env) == ["train", "c.yaml", "--nproc", "1"]
 
 
 def test_multinode(tmp_path: Path) -> None:
     env = {**fake_bin(tmp_path), "NNODES": "2", "NODE_RANK": "1", "RDZV": "h0:29400", "NPROC": "8"}
     assert run(["launch/multinode.sh", "c.yaml", "a=1"], env) == [
-        "train", "c.yaml", "--nproc", "8", "--nnodes", "2", "--node-rank", "1",
-        "--rdzv-endpoint", "h0:29400", "--rdzv-id", "dist_train", "a=1"]
+        "train",
+        "c.yaml",
+        "--nproc",
+        "8",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--rdzv-endpoint",
+        "h0:29400",
+        "--rdzv-id",
+        "dist_train",
+        "a=1",
+    ]
 
 
 def test_slurm(tmp_path: Path) -> None:
-    env = {**fake_bin(tmp_path), "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2",
-           "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_ID": "77"}
+    env = {
+        **fake_bin(tmp_path),
+        "SLURM_JOB_NODELIST": "node-[a-b]",
+        "SLURM_NNODES": "2",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_JOB_ID": "77",
+    }
     assert run(["bash", "launch/slurm.sbatch", "c.yaml", "a=1"], env) == [
-        "train", "c.yaml", "--nproc", "8", "--nnodes", "2", "--node-rank", "1",
-        "--rdzv-endpoint", "node-a:29400", "--rdzv-id", "77", "a=1"]
+        "train",
+        "c.yaml",
+        "--nproc",
+        "8",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--rdzv-endpoint",
+        "node-a:29400",
+        "--rdzv-id",
+        "77",
+        "a=1",
+    ]

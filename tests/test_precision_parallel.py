@@ -26,15 +26,25 @@ from conftest import (
     train_in_process,
 )
 
-PRECISION_RUN = [*TINY_GPT, "train.max_steps=50", "train.global_batch_size=16",
-                 "log.every_steps=5", "optim.lr=3e-3", "train.eval_every=50"]
+PRECISION_RUN = [
+    *TINY_GPT,
+    "train.max_steps=50",
+    "train.global_batch_size=16",
+    "log.every_steps=5",
+    "optim.lr=3e-3",
+    "train.eval_every=50",
+]
 
 
 def test_bf16_and_fp16_track_fp32(tmp_path: Path) -> None:
     """Stated tolerance: every logged loss within 2% of fp32's over 50 steps (measured: bf16
     ~0.1%, fp16 ~0.3% on this model), and the loss falls by at least 20%."""
-    runs = {d: train_in_process([*PRECISION_RUN, f"precision.dtype={d}",
-                                 f"train.run_dir={tmp_path}/{d}"]) for d in ("fp32", "bf16", "fp16")}
+    runs = {
+        d: train_in_process(
+            [*PRECISION_RUN, f"precision.dtype={d}", f"train.run_dir={tmp_path}/{d}"]
+        )
+        for d in ("fp32", "bf16", "fp16")
+    }
     ref = runs["fp32"]["losses"]
     for dtype in ("bf16", "fp16"):
         losses = runs[dtype]["losses"]
@@ -44,13 +54,24 @@ def test_bf16_and_fp16_track_fp32(tmp_path: Path) -> None:
         assert runs[dtype]["val"][50] == pytest.approx(runs["fp32"]["val"][50], rel=0.02)
         # parameters stay fp32 whatever the compute dtype
         assert {t.dtype for t in runs[dtype]["params"].values()} == {torch.float32}
-    fp16_log = [json.loads(line) for line in (tmp_path / "fp16/metrics.jsonl").read_text().splitlines()]
+    fp16_log = [
+        json.loads(line) for line in (tmp_path / "fp16/metrics.jsonl").read_text().splitlines()
+    ]
     assert all("loss_scale" in r and "skipped_steps" in r for r in fp16_log if "loss" in r)
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path: Path) -> None:
-    cfg = load_config(None, [*TINY_GPT, "precision.dtype=fp16", "train.max_steps=10",
-                             "log.every_steps=1", f"train.run_dir={tmp_path}", "optim.grad_clip=0"])
+    cfg = load_config(
+        None,
+        [
+            *TINY_GPT,
+            "precision.dtype=fp16",
+            "train.max_steps=10",
+            "log.every_steps=1",
+            f"train.run_dir={tmp_path}",
+            "optim.grad_clip=0",
+        ],
+    )
     env = read_env("cpu")
     trainer = build_trainer(cfg, env)
     weight = trainer.model.blocks[0].mlp[0].weight
@@ -74,8 +95,14 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path: Path) -> No
 
 def test_none_adds_no_wrapper_and_strategy_errors() -> None:
     model = MLP(4, [8], 2)
-    assert wrap_model(model, ParallelConfig(strategy="none"), PrecisionConfig(), read_env("cpu", {})) is model
-    assert wrap_model(model, ParallelConfig(strategy="auto"), PrecisionConfig(), read_env("cpu", {})) is model
+    assert (
+        wrap_model(model, ParallelConfig(strategy="none"), PrecisionConfig(), read_env("cpu", {}))
+        is model
+    )
+    assert (
+        wrap_model(model, ParallelConfig(strategy="auto"), PrecisionConfig(), read_env("cpu", {}))
+        is model
+    )
     with pytest.raises(ConfigError, match="world_size > 1"):
         resolve_strategy(ParallelConfig(strategy="fsdp"), 1)
     with pytest.raises(ConfigError, match="gradients must be synchronized"):
@@ -91,11 +118,14 @@ def test_fsdp_matches_ddp_and_shards_parameters(optim: list[str], tmp_path: Path
     """FSDP2 on 2 CPU ranks (gloo), with 2 accumulation micro-batches, equals DDP (fp32)."""
     base = [*EXACT_RUN, *optim, "train.micro_batch_size=2", "train.sample_chars=8"]
     ddp = run_on_ranks(train_in_process, 2, [*base, f"train.run_dir={tmp_path}/ddp"])
-    fsdp = run_on_ranks(train_in_process, 2, [*base, "parallel.strategy=fsdp",
-                                              f"train.run_dir={tmp_path}/fsdp"])
+    fsdp = run_on_ranks(
+        train_in_process, 2, [*base, "parallel.strategy=fsdp", f"train.run_dir={tmp_path}/fsdp"]
+    )
     assert ddp[0]["losses"][STEPS] < ddp[0]["losses"][1]
     for rank in range(2):
-        assert fsdp[rank]["wrapper"] == "FSDPGPT" and ddp[rank]["wrapper"] == "DistributedDataParallel"
+        assert (
+            fsdp[rank]["wrapper"] == "FSDPGPT" and ddp[rank]["wrapper"] == "DistributedDataParallel"
+        )
         assert_same_training(ddp[rank], fsdp[rank])
         # each rank stores about half of the parameters (dim-0 shards, padded to even sizes)
         assert 0.45 < fsdp[rank]["local_numel"] / fsdp[rank]["numel"] < 0.55
@@ -108,9 +138,14 @@ def test_fsdp_matches_ddp_and_shards_parameters(optim: list[str], tmp_path: Path
 @pytest.mark.distributed
 def test_ddp_compression_hooks_train(tmp_path: Path) -> None:
     base = [*EXACT_RUN, "optim.name=adamw", "optim.lr=3e-3", "parallel.powersgd_start_step=4"]
-    runs = {name: run_on_ranks(train_in_process, 2, [*base, f"parallel.grad_compression={name}",
-                                                     f"train.run_dir={tmp_path}/{name}"])[0]
-            for name in ("none", "bf16", "fp16", "powersgd")}
+    runs = {
+        name: run_on_ranks(
+            train_in_process,
+            2,
+            [*base, f"parallel.grad_compression={name}", f"train.run_dir={tmp_path}/{name}"],
+        )[0]
+        for name in ("none", "bf16", "fp16", "powersgd")
+    }
     for name, run in runs.items():
         assert run["losses"][STEPS] < 0.9 * run["losses"][1], name
     for name in ("bf16", "fp16"):  # compressed all-reduce tracks the exact one closely
@@ -127,8 +162,10 @@ def test_unsupported_precision_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
 
     @contextmanager
     def autocast_without_fp16(device_type: str, dtype: torch.dtype):  # type: ignore[no-untyped-def]
-        warnings.warn("In CPU autocast, but the target dtype is not supported. Disabling autocast.",
-                      stacklevel=2)
+        warnings.warn(
+            "In CPU autocast, but the target dtype is not supported. Disabling autocast.",
+            stacklevel=2,
+        )
         yield
 
     monkeypatch.setattr(precision.torch, "autocast", autocast_without_fp16)
@@ -152,9 +189,17 @@ def test_cuda_bf16_training(tmp_path: Path) -> None:
 def test_fsdp_mixed_precision_trains(dtype: str, tmp_path: Path) -> None:
     """FSDP2's MixedPrecisionPolicy (params gathered in `dtype`, grads reduced in bf16) plus
     autocast; fp16 adds the loss scaler on sharded gradients."""
-    runs = run_on_ranks(train_in_process, 2, [
-        *PRECISION_RUN, "parallel.strategy=fsdp", f"precision.dtype={dtype}",
-        "precision.reduce_dtype=bf16", f"train.run_dir={tmp_path}"])
+    runs = run_on_ranks(
+        train_in_process,
+        2,
+        [
+            *PRECISION_RUN,
+            "parallel.strategy=fsdp",
+            f"precision.dtype={dtype}",
+            "precision.reduce_dtype=bf16",
+            f"train.run_dir={tmp_path}",
+        ],
+    )
     assert runs[0]["losses"][50] < 0.8 * runs[0]["losses"][5]
     assert runs[0]["losses"] == runs[1]["losses"]  # one global loss, logged by every rank
     assert {t.dtype for t in runs[0]["params"].values()} == {torch.float32}

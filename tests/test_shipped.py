@@ -15,14 +15,26 @@ from conftest import REPO, fingerprint_changes, run_on_ranks, train_in_process, 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 # Two steps of each config as shipped (model, data, batch split, accumulation): only the length,
 # evaluation, sampling and checkpoints are cut, and the text corpus is capped.
-SHORT = ["train.device=cpu", "train.max_steps=2", "train.eval_every=0", "train.eval_batches=1",
-         "train.sample_chars=0", "checkpoint.enabled=false", "log.progress=never",
-         "log.every_steps=1", "data.max_chars=200000"]
+SHORT = [
+    "train.device=cpu",
+    "train.max_steps=2",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.sample_chars=0",
+    "checkpoint.enabled=false",
+    "log.progress=never",
+    "log.every_steps=1",
+    "data.max_chars=200000",
+]
 
 
 def train_every_config(run_root: str) -> dict[str, dict[int, float]]:
-    return {path.stem: train_in_process([*SHORT, f"train.run_dir={run_root}/{path.stem}"],
-                                        config=path)["losses"] for path in CONFIGS}
+    return {
+        path.stem: train_in_process([*SHORT, f"train.run_dir={run_root}/{path.stem}"], config=path)[
+            "losses"
+        ]
+        for path in CONFIGS
+    }
 
 
 @pytest.mark.slow
@@ -38,7 +50,9 @@ def test_every_shipped_config_trains_at_one_and_two_workers(tmp_path: Path) -> N
             assert sorted(rank[name]) == [1, 2], name
 
 
-def test_shipped_configs_resolve_from_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shipped_configs_resolve_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # no configs/ here: the shipped ones are found by name
     assert shipped_configs_dir().resolve() == (REPO / "configs").resolve()
     for given in ("configs/quickstart.yaml", "quickstart.yaml", "quickstart"):
@@ -46,8 +60,11 @@ def test_shipped_configs_resolve_from_anywhere(tmp_path: Path, monkeypatch: pyte
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs/quickstart.yaml").write_text("train:\n  max_steps: 3\n")
     assert load_config("configs/quickstart.yaml").train.max_steps == 3  # a user's own file wins
-    with pytest.raises(ConfigError, match="file not found; expected a YAML file or a shipped "
-                       r"config \(cnn_synthetic, gpt_char, mlp_synthetic, quickstart\)"):
+    with pytest.raises(
+        ConfigError,
+        match="file not found; expected a YAML file or a shipped "
+        r"config \(cnn_synthetic, gpt_char, mlp_synthetic, quickstart\)",
+    ):
         load_config("configs/nope.yaml")
     with pytest.raises(ConfigError, match="is a directory"):
         load_config(str(tmp_path))
@@ -66,4 +83,7 @@ def test_repo_guard_sees_created_changed_and_deleted_files(tmp_path: Path) -> No
     assert fingerprint_changes(before, tree_fingerprint(tmp_path)) == ["runs/a/metrics.jsonl"]
     before = tree_fingerprint(tmp_path)
     (tmp_path / "runs/a/metrics.jsonl").unlink()
-    assert fingerprint_changes(before, tree_fingerprint(tmp_path)) == ["runs/a", "runs/a/metrics.jsonl"]
+    assert fingerprint_changes(before, tree_fingerprint(tmp_path)) == [
+        "runs/a",
+        "runs/a/metrics.jsonl",
+    ]

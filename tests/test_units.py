@@ -21,8 +21,9 @@ from dist_train.optim import build_optimizer, clip_and_measure, lr_at
 
 
 def test_gpt_shapes_tying_and_generation() -> None:
-    model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8),
-                        DataSpec("lm", vocab_size=11))
+    model = build_model(
+        ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8), DataSpec("lm", vocab_size=11)
+    )
     assert isinstance(model, GPT) and model.lm_head.weight is model.wte.weight
     logits = model(torch.randint(0, 11, (3, 8)))
     assert logits.shape == (3, 8, 11)
@@ -34,10 +35,14 @@ def test_gpt_shapes_tying_and_generation() -> None:
 
 
 def test_mlp_and_cnn_from_config() -> None:
-    mlp = build_model(ModelConfig(name="mlp", hidden_dims=[8]), DataSpec("regression", input_shape=(2, 3)))
+    mlp = build_model(
+        ModelConfig(name="mlp", hidden_dims=[8]), DataSpec("regression", input_shape=(2, 3))
+    )
     assert mlp(torch.randn(4, 2, 3)).shape == (4, 1)
-    cnn = build_model(ModelConfig(name="cnn", channels=[4, 8]),
-                      DataSpec("classification", input_shape=(3, 9, 9), num_outputs=5))
+    cnn = build_model(
+        ModelConfig(name="cnn", channels=[4, 8]),
+        DataSpec("classification", input_shape=(3, 9, 9), num_outputs=5),
+    )
     assert cnn(torch.randn(2, 3, 9, 9)).shape == (2, 5)
 
 
@@ -62,7 +67,10 @@ def test_optimizers_and_weight_decay_groups() -> None:
     sgd = build_optimizer(OptimConfig(name="sgd", momentum=0.8), model)
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.8
     model[0].weight.requires_grad_(False)
-    assert sum(len(g["params"]) for g in build_optimizer(OptimConfig(name="adam"), model).param_groups) == 3
+    assert (
+        sum(len(g["params"]) for g in build_optimizer(OptimConfig(name="adam"), model).param_groups)
+        == 3
+    )
 
 
 def test_clip_by_global_norm() -> None:
@@ -76,14 +84,33 @@ def test_clip_by_global_norm() -> None:
 
 def test_torchrun_argv_single_and_multi_node() -> None:
     argv = torchrun_argv(LaunchConfig(nproc=2), ["train", "c.yaml", "optim.lr=1"], Path("r/logs"))
-    assert argv == ["--nproc-per-node=2", "--max-restarts=0", "--log-dir=r/logs", "--standalone",
-                    "--module", "dist_train", "train", "c.yaml", "optim.lr=1"]
-    multi = torchrun_argv(LaunchConfig(nproc=8, nnodes=2, node_rank=1, rdzv_endpoint="h:29400",
-                                       rdzv_id="job7", max_restarts=3), ["train", "c.yaml"],
-                          Path("logs"))
+    assert argv == [
+        "--nproc-per-node=2",
+        "--max-restarts=0",
+        "--log-dir=r/logs",
+        "--standalone",
+        "--module",
+        "dist_train",
+        "train",
+        "c.yaml",
+        "optim.lr=1",
+    ]
+    multi = torchrun_argv(
+        LaunchConfig(
+            nproc=8, nnodes=2, node_rank=1, rdzv_endpoint="h:29400", rdzv_id="job7", max_restarts=3
+        ),
+        ["train", "c.yaml"],
+        Path("logs"),
+    )
     assert "--standalone" not in multi
-    assert {"--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=h:29400",
-            "--rdzv-id=job7", "--max-restarts=3"} <= set(multi)
+    assert {
+        "--nnodes=2",
+        "--node-rank=1",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=h:29400",
+        "--rdzv-id=job7",
+        "--max-restarts=3",
+    } <= set(multi)
     assert multi[-4:] == ["--module", "dist_train", "train", "c.yaml"]
 
 
@@ -105,9 +132,23 @@ def test_launch_limits() -> None:
 
 def test_read_env() -> None:
     env = read_env("cpu", {})
-    assert (env.rank, env.world_size, env.is_main, env.is_distributed, env.backend) == (0, 1, True, False, "gloo")
-    env = read_env("cpu", {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"})
-    assert (env.rank, env.local_rank, env.world_size, env.local_world_size, env.is_main) == (3, 1, 4, 2, False)
+    assert (env.rank, env.world_size, env.is_main, env.is_distributed, env.backend) == (
+        0,
+        1,
+        True,
+        False,
+        "gloo",
+    )
+    env = read_env(
+        "cpu", {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
+    )
+    assert (env.rank, env.local_rank, env.world_size, env.local_world_size, env.is_main) == (
+        3,
+        1,
+        4,
+        2,
+        False,
+    )
     assert under_torchrun({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
     assert not under_torchrun({})
     if not torch.cuda.is_available():

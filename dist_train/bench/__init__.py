@@ -42,24 +42,60 @@ class Benchmark:
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
-    Benchmark("overhead", "dist_train's training step vs a minimal hand-written PyTorch loop",
-              "dist_train.bench.overhead:run", repeats=15,
-              check="dist_train.bench.loops:check_plain_ddp"),
-    Benchmark("accelerate", "dist_train's training step vs a minimal Hugging Face Accelerate loop",
-              "dist_train.bench.accelerate_loop:run", repeats=15,
-              check="dist_train.bench.accelerate_loop:check_config", requires="accelerate"),
-    Benchmark("allreduce", "all-reduce bus bandwidth over message sizes (gradient sync's limit)",
-              "dist_train.bench.allreduce:run", nproc=2, min_nproc=2, steps=10, warmup=3),
-    Benchmark("scaling", "samples/s at 1 and N workers with the same per-worker batch",
-              "dist_train.bench.scaling:run", nproc=2, min_nproc=2),
+    Benchmark(
+        "overhead",
+        "dist_train's training step vs a minimal hand-written PyTorch loop",
+        "dist_train.bench.overhead:run",
+        repeats=15,
+        check="dist_train.bench.loops:check_plain_ddp",
+    ),
+    Benchmark(
+        "accelerate",
+        "dist_train's training step vs a minimal Hugging Face Accelerate loop",
+        "dist_train.bench.accelerate_loop:run",
+        repeats=15,
+        check="dist_train.bench.accelerate_loop:check_config",
+        requires="accelerate",
+    ),
+    Benchmark(
+        "allreduce",
+        "all-reduce bus bandwidth over message sizes (gradient sync's limit)",
+        "dist_train.bench.allreduce:run",
+        nproc=2,
+        min_nproc=2,
+        steps=10,
+        warmup=3,
+    ),
+    Benchmark(
+        "scaling",
+        "samples/s at 1 and N workers with the same per-worker batch",
+        "dist_train.bench.scaling:run",
+        nproc=2,
+        min_nproc=2,
+    ),
     # 9 contenders, fp16 on CPU about 10x fp32: fewer, shorter rounds keep it near 2 minutes.
-    Benchmark("strategies", "none/ddp/fsdp x fp32/bf16/fp16: step time, samples/s, memory per "
-              "rank vs DDP fp32", "dist_train.bench.strategies:run", nproc=2, min_nproc=2,
-              check="dist_train.bench.strategies:check_config", steps=5, warmup=2, repeats=6),
+    Benchmark(
+        "strategies",
+        "none/ddp/fsdp x fp32/bf16/fp16: step time, samples/s, memory per rank vs DDP fp32",
+        "dist_train.bench.strategies:run",
+        nproc=2,
+        min_nproc=2,
+        check="dist_train.bench.strategies:check_config",
+        steps=5,
+        warmup=2,
+        repeats=6,
+    ),
     # A save is one operation of a second or so: one per contender per round.
-    Benchmark("checkpoint", "Checkpointer save/async/load GB/s vs raw files, torch.save/load, "
-              "memcopy, slow storage, training during a save", "dist_train.bench.checkpoint_bench:run",
-              check="dist_train.bench.checkpoint_bench:check_config", steps=1, warmup=1, repeats=8),
+    Benchmark(
+        "checkpoint",
+        "Checkpointer save/async/load GB/s vs raw files, torch.save/load, "
+        "memcopy, slow storage, training during a save",
+        "dist_train.bench.checkpoint_bench:run",
+        check="dist_train.bench.checkpoint_bench:check_config",
+        steps=1,
+        warmup=1,
+        repeats=8,
+    ),
 )
 
 
@@ -98,23 +134,32 @@ def make_args(ns: argparse.Namespace) -> tuple[BenchArgs, RunConfig]:
     cfg = load_config(config, overrides)
     check_launch(LaunchConfig(nproc=ns.nproc), device_kind(cfg))
     if ns.nproc < bench.min_nproc:
-        raise ConfigError("--nproc", ns.nproc, f"bench {bench.name} needs at least "
-                          f"{bench.min_nproc} workers")
-    for flag, value, low in (("--steps", ns.steps, 1), ("--repeats", ns.repeats, 1),
-                             ("--warmup", ns.warmup, 0)):
+        raise ConfigError(
+            "--nproc", ns.nproc, f"bench {bench.name} needs at least {bench.min_nproc} workers"
+        )
+    for flag, value, low in (
+        ("--steps", ns.steps, 1),
+        ("--repeats", ns.repeats, 1),
+        ("--warmup", ns.warmup, 0),
+    ):
         if value < low:
             raise ConfigError(flag, value, f"must be >= {low}")
     accumulation_steps(cfg, ns.nproc)  # a batch that does not split fails here, not in a worker
     if bench.requires and importlib.util.find_spec(bench.requires) is None:
-        raise ConfigError("bench", bench.name, f"needs the optional dependency "
-                          f"'{bench.requires}': pip install 'dist-train[{bench.requires}]'")
+        raise ConfigError(
+            "bench",
+            bench.name,
+            f"needs the optional dependency "
+            f"'{bench.requires}': pip install 'dist-train[{bench.requires}]'",
+        )
     if bench.check:
         _resolve(bench.check)(cfg, ns.nproc)
     # Every contender gets the same threads: the cores split between workers, as a
     # `--nproc N` run does, unless the user chose.
     threads = int(os.environ.get("OMP_NUM_THREADS") or threads_per_worker(ns.nproc))
-    args = BenchArgs(bench.name, config, tuple(overrides), ns.nproc, ns.steps, ns.warmup,
-                     ns.repeats, threads)
+    args = BenchArgs(
+        bench.name, config, tuple(overrides), ns.nproc, ns.steps, ns.warmup, ns.repeats, threads
+    )
     return args, cfg
 
 
@@ -137,20 +182,43 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """`dist-train bench NAME ...`, one sub-command per registered benchmark."""
-    parser = subparsers.add_parser("bench", help="benchmarks: measured medians and ratios",
-                                   description=__doc__.splitlines()[0])
+    parser = subparsers.add_parser(
+        "bench", help="benchmarks: measured medians and ratios", description=__doc__.splitlines()[0]
+    )
     names = parser.add_subparsers(dest="benchmark", required=True, metavar="NAME")
     for bench in BENCHMARKS:
         p = names.add_parser(bench.name, help=bench.help, description=bench.help)
-        p.add_argument("overrides", nargs="*", metavar="[config] key=value",
-                       help=f"YAML file (default {DEFAULT_CONFIG.name}) and overrides")
-        p.add_argument("--nproc", type=int, default=bench.nproc, help="workers (default %(default)s)")
-        p.add_argument("--steps", type=int, default=bench.steps,
-                       help="timed steps per contender per round (default %(default)s)")
-        p.add_argument("--warmup", type=int, default=bench.warmup,
-                       help="untimed steps per contender first (default %(default)s)")
-        p.add_argument("--repeats", type=int, default=bench.repeats,
-                       help="rounds, contenders interleaved (default %(default)s)")
-        p.add_argument("--out", default=None, help="JSON file of every raw figure (default "
-                       f"bench_results/{bench.name}_nprocN_DTYPE.json)")
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="[config] key=value",
+            help=f"YAML file (default {DEFAULT_CONFIG.name}) and overrides",
+        )
+        p.add_argument(
+            "--nproc", type=int, default=bench.nproc, help="workers (default %(default)s)"
+        )
+        p.add_argument(
+            "--steps",
+            type=int,
+            default=bench.steps,
+            help="timed steps per contender per round (default %(default)s)",
+        )
+        p.add_argument(
+            "--warmup",
+            type=int,
+            default=bench.warmup,
+            help="untimed steps per contender first (default %(default)s)",
+        )
+        p.add_argument(
+            "--repeats",
+            type=int,
+            default=bench.repeats,
+            help="rounds, contenders interleaved (default %(default)s)",
+        )
+        p.add_argument(
+            "--out",
+            default=None,
+            help="JSON file of every raw figure (default "
+            f"bench_results/{bench.name}_nprocN_DTYPE.json)",
+        )
         p.set_defaults(func=cmd_bench, bench=bench)

@@ -39,8 +39,11 @@ def check_config(cfg: RunConfig, nproc: int) -> None:
     if cfg.precision.dtype == "fp16" and device_kind(cfg) != "cuda":
         # Accelerate 1.x turns fp16 on only for accelerators: on CPU it would silently train
         # in fp32 (no autocast, no scaler) against dist_train's fp16 autocast.
-        raise ConfigError("precision.dtype", "fp16",
-                          "Accelerate ignores fp16 on CPU (it would train in fp32); use bf16")
+        raise ConfigError(
+            "precision.dtype",
+            "fp16",
+            "Accelerate ignores fp16 on CPU (it would train in fp32); use bf16",
+        )
 
 
 class AccelerateLoop:
@@ -53,9 +56,14 @@ class AccelerateLoop:
         # Under our spawned workers the torchrun variables are set and the gloo group exists:
         # Accelerate (MULTI_CPU) adopts that group rather than starting its own.
         self.accelerator = Accelerator(
-            mixed_precision=MIXED_PRECISION[cfg.precision.dtype], cpu=env.device.type == "cpu",
-            kwargs_handlers=[DistributedDataParallelKwargs(
-                bucket_cap_mb=cfg.parallel.bucket_cap_mb, static_graph=cfg.parallel.static_graph)])
+            mixed_precision=MIXED_PRECISION[cfg.precision.dtype],
+            cpu=env.device.type == "cpu",
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(
+                    bucket_cap_mb=cfg.parallel.bucket_cap_mb, static_graph=cfg.parallel.static_graph
+                )
+            ],
+        )
         torch.manual_seed(cfg.train.seed)  # the same initial weights as the others
         model = build_model(cfg.model, data.spec)
         self.module = model
@@ -101,13 +109,18 @@ def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
     framework = FrameworkLoop(bench_config(args), env)
     contender = AccelerateLoop(framework.trainer.cfg, env, framework.data, args.total_steps)
     distributed_type = str(contender.accelerator.distributed_type)
-    return {**head_to_head(args, env, framework, ACCELERATE, contender),
-            "accelerate_version": accelerate.__version__,
-            "accelerate_distributed_type": distributed_type}
+    return {
+        **head_to_head(args, env, framework, ACCELERATE, contender),
+        "accelerate_version": accelerate.__version__,
+        "accelerate_distributed_type": distributed_type,
+    }
 
 
 def run(args: BenchArgs) -> BenchReport:
     result = run_workers(worker, args)
     return head_to_head_report(
-        args, result, ACCELERATE, f", accelerate {result['accelerate_version']} "
-        f"({result['accelerate_distributed_type']})")
+        args,
+        result,
+        ACCELERATE,
+        f", accelerate {result['accelerate_version']} ({result['accelerate_distributed_type']})",
+    )

@@ -44,18 +44,29 @@ def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
     grads = gradient_bytes(cfg)
     sizes = {label(n): n for n in SIZES}
     sizes[f"grads {label(grads)}"] = grads
-    tensors = {name: torch.zeros(n // 4, dtype=torch.float32, device=env.device)
-               for name, n in sizes.items()}
-    times = measure_interleaved({name: partial(_all_reduce, t) for name, t in tensors.items()},
-                                args, env)
-    return {"op_times": times, "bytes": sizes, "gradient_bytes": grads,
-            "world_size": env.world_size, "backend": env.backend, "device": str(env.device),
-            "bucket_cap_mb": cfg.parallel.bucket_cap_mb, "dtype": "fp32",
-            "threads": torch.get_num_threads()}
+    tensors = {
+        name: torch.zeros(n // 4, dtype=torch.float32, device=env.device)
+        for name, n in sizes.items()
+    }
+    times = measure_interleaved(
+        {name: partial(_all_reduce, t) for name, t in tensors.items()}, args, env
+    )
+    return {
+        "op_times": times,
+        "bytes": sizes,
+        "gradient_bytes": grads,
+        "world_size": env.world_size,
+        "backend": env.backend,
+        "device": str(env.device),
+        "bucket_cap_mb": cfg.parallel.bucket_cap_mb,
+        "dtype": "fp32",
+        "threads": torch.get_num_threads(),
+    }
 
 
-def rows_for(times: dict[str, list[list[float]]], sizes: dict[str, int],
-             world_size: int) -> list[dict[str, Any]]:
+def rows_for(
+    times: dict[str, list[list[float]]], sizes: dict[str, int], world_size: int
+) -> list[dict[str, Any]]:
     """nccl-tests' definitions: algbw = bytes / time; busbw = algbw x 2(n-1)/n, the traffic
     each link carries in a ring all-reduce, comparable across world sizes."""
     factor = 2 * (world_size - 1) / world_size
@@ -63,21 +74,31 @@ def rows_for(times: dict[str, list[list[float]]], sizes: dict[str, int],
     for name in sorted(times, key=lambda k: sizes[k]):
         per_round = round_medians(times[name])
         algbw = [sizes[name] / t / 1e9 for t in per_round]
-        rows.append({"name": name, "bytes": sizes[name], "time_s": summarize(per_round),
-                     "algbw_GBps": summarize(algbw),
-                     "busbw_GBps": summarize([b * factor for b in algbw]),
-                     "time_s_per_round": per_round, "op_times_s": times[name]})
+        rows.append(
+            {
+                "name": name,
+                "bytes": sizes[name],
+                "time_s": summarize(per_round),
+                "algbw_GBps": summarize(algbw),
+                "busbw_GBps": summarize([b * factor for b in algbw]),
+                "time_s_per_round": per_round,
+                "op_times_s": times[name],
+            }
+        )
     peak = max(r["busbw_GBps"]["median"] for r in rows)
     for r in rows:
         r["of_peak"] = r["busbw_GBps"]["median"] / peak
     return rows
 
 
-COLUMNS = [Column("time_s.median", "time us", 1e6, ".1f"), Column("time_s.q1", "q1 us", 1e6, ".1f"),
-           Column("time_s.q3", "q3 us", 1e6, ".1f"),
-           Column("algbw_GBps.median", "algbw GB/s", 1.0, ".3f"),
-           Column("busbw_GBps.median", "busbw GB/s", 1.0, ".3f"),
-           Column("of_peak", "of peak", 1.0, ".2f")]
+COLUMNS = [
+    Column("time_s.median", "time us", 1e6, ".1f"),
+    Column("time_s.q1", "q1 us", 1e6, ".1f"),
+    Column("time_s.q3", "q3 us", 1e6, ".1f"),
+    Column("algbw_GBps.median", "algbw GB/s", 1.0, ".3f"),
+    Column("busbw_GBps.median", "busbw GB/s", 1.0, ".3f"),
+    Column("of_peak", "of peak", 1.0, ".2f"),
+]
 
 
 def run(args: BenchArgs) -> BenchReport:
@@ -86,9 +107,15 @@ def run(args: BenchArgs) -> BenchReport:
     rows = rows_for(times, sizes, result["world_size"])
     grads = next(r for r in rows if r["name"].startswith("grads"))
     return BenchReport(
-        "allreduce", {**result, "args": args.to_json()}, rows, COLUMNS,
-        notes=[f"{result['world_size']} workers x {result['threads']} thread(s), "
-               f"{result['backend']} on {result['device']}, fp32 sum; busbw = algbw x 2(n-1)/n",
-               f"this model's gradients ({label(result['gradient_bytes'])}) in one all-reduce: "
-               f"{grads['time_s']['median'] * 1e3:.2f} ms, {grads['of_peak']:.2f} of peak bus "
-               "bandwidth"])
+        "allreduce",
+        {**result, "args": args.to_json()},
+        rows,
+        COLUMNS,
+        notes=[
+            f"{result['world_size']} workers x {result['threads']} thread(s), "
+            f"{result['backend']} on {result['device']}, fp32 sum; busbw = algbw x 2(n-1)/n",
+            f"this model's gradients ({label(result['gradient_bytes'])}) in one all-reduce: "
+            f"{grads['time_s']['median'] * 1e3:.2f} ms, {grads['of_peak']:.2f} of peak bus "
+            "bandwidth",
+        ],
+    )

@@ -42,13 +42,19 @@ from dist_train.precision import Precision
 PARAMS_ENV, RATE_ENV = "DIST_TRAIN_BENCH_CKPT_PARAMS", "DIST_TRAIN_BENCH_CKPT_SLOW_MBPS"
 SLOW_PARAMS_PER_RANK = 16 * 2**20  # 64 MiB per worker: ~1.3 s per save at 50 MB/s
 SYNC, ASYNC = "dcp save (sync)", "dcp async save"
-RAW_W, RAW_INPLACE, TSAVE = ("raw write+fsync (new file)", "raw write+fsync (in place)",
-                             "torch.save+fsync (new file)")
+RAW_W, RAW_INPLACE, TSAVE = (
+    "raw write+fsync (new file)",
+    "raw write+fsync (in place)",
+    "torch.save+fsync (new file)",
+)
 CLONE, COPY = "memcopy (clone)", "memcopy (into buffer)"
-DLOAD, TLOAD, TLOAD_SD, RAW_R = ("dcp load", "torch.load", "torch.load+load_state_dict",
-                                 "raw read")
-SLOW_SYNC, SLOW_ASYNC, TRAIN, TRAIN_BG = ("slow dcp save (sync)", "slow dcp async save", "train",
-                                          "train + bg save")
+DLOAD, TLOAD, TLOAD_SD, RAW_R = ("dcp load", "torch.load", "torch.load+load_state_dict", "raw read")
+SLOW_SYNC, SLOW_ASYNC, TRAIN, TRAIN_BG = (
+    "slow dcp save (sync)",
+    "slow dcp async save",
+    "train",
+    "train + bg save",
+)
 
 
 def env_number(name: str, default: float) -> float:
@@ -69,12 +75,17 @@ def check_config(cfg: RunConfig, nproc: int) -> None:
     env_number(RATE_ENV, 50.0)
     need, have = 3 * 4 * params * nproc, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.8 * have:
-        raise ConfigError(PARAMS_ENV, params, f"needs about {need / 1e9:.1f} GB of memory with "
-                          f"{nproc} worker(s); this machine has {have / 1e9:.1f} GB")
+        raise ConfigError(
+            PARAMS_ENV,
+            params,
+            f"needs about {need / 1e9:.1f} GB of memory with "
+            f"{nproc} worker(s); this machine has {have / 1e9:.1f} GB",
+        )
 
 
-def _checkpointed(cfg: RunConfig, env: DistEnv,
-                  params: int) -> tuple[torch.nn.Module, Checkpointer]:
+def _checkpointed(
+    cfg: RunConfig, env: DistEnv, params: int
+) -> tuple[torch.nn.Module, Checkpointer]:
     model = linear_stack(params)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # no momentum: no state tensors
     precision = Precision(cfg.precision, torch.device("cpu"))
@@ -104,8 +115,13 @@ def _train_window(loop: FrameworkLoop, slow_save_s: float, env: DistEnv) -> int:
 Times = dict[str, list[list[float]]]
 
 
-def _io_phase(args: BenchArgs, env: DistEnv, ckpt: Checkpointer, files: PlainFiles,
-              steps: itertools.count[int]) -> tuple[Times, dict[str, Any]]:
+def _io_phase(
+    args: BenchArgs,
+    env: DistEnv,
+    ckpt: Checkpointer,
+    files: PlainFiles,
+    steps: itertools.count[int],
+) -> tuple[Times, dict[str, Any]]:
     """Saves, loads and copies of the large state, all contenders interleaved."""
     latest: list[Path] = []
 
@@ -117,28 +133,48 @@ def _io_phase(args: BenchArgs, env: DistEnv, ckpt: Checkpointer, files: PlainFil
     ckpt.save(TrainState(step=next(steps)), blocking=True)
     files.raw_write()
     files.torch_save()
-    return measure_ops({
-        SYNC: Op(lambda: ckpt.save(TrainState(step=next(steps)), blocking=True)),
-        ASYNC: Op(lambda: _async_op(ckpt, steps)),
-        RAW_W: Op(files.raw_write), RAW_INPLACE: Op(lambda: files.raw_write(in_place=True)),
-        TSAVE: Op(files.torch_save),
-        CLONE: Op(files.clone, finish=files.release), COPY: Op(files.copy_into_buffer),
-        DLOAD: Op(lambda: ckpt.load(latest[0], TrainState()), prepare=before_load),
-        TLOAD: Op(files.torch_load, prepare=lambda: evict(files.all_files("pt")),
-                  finish=files.release),
-        TLOAD_SD: Op(lambda: files.torch_load(into_model=True),
-                     prepare=lambda: evict(files.all_files("pt")), finish=files.release),
-        RAW_R: Op(files.raw_read, prepare=lambda: evict(files.all_files("raw")))},
-        args, env)
+    return measure_ops(
+        {
+            SYNC: Op(lambda: ckpt.save(TrainState(step=next(steps)), blocking=True)),
+            ASYNC: Op(lambda: _async_op(ckpt, steps)),
+            RAW_W: Op(files.raw_write),
+            RAW_INPLACE: Op(lambda: files.raw_write(in_place=True)),
+            TSAVE: Op(files.torch_save),
+            CLONE: Op(files.clone, finish=files.release),
+            COPY: Op(files.copy_into_buffer),
+            DLOAD: Op(lambda: ckpt.load(latest[0], TrainState()), prepare=before_load),
+            TLOAD: Op(
+                files.torch_load, prepare=lambda: evict(files.all_files("pt")), finish=files.release
+            ),
+            TLOAD_SD: Op(
+                lambda: files.torch_load(into_model=True),
+                prepare=lambda: evict(files.all_files("pt")),
+                finish=files.release,
+            ),
+            RAW_R: Op(files.raw_read, prepare=lambda: evict(files.all_files("raw"))),
+        },
+        args,
+        env,
+    )
 
 
-def _slow_phases(args: BenchArgs, env: DistEnv, slow: Checkpointer, loop: FrameworkLoop,
-                 steps: itertools.count[int]) -> tuple[Times, dict[str, Any], int]:
+def _slow_phases(
+    args: BenchArgs,
+    env: DistEnv,
+    slow: Checkpointer,
+    loop: FrameworkLoop,
+    steps: itertools.count[int],
+) -> tuple[Times, dict[str, Any], int]:
     """Sync and async saves to slow storage, then training with and without such a save
     running in the background: windows of training steps, the save started just before."""
     slow_times, slow_inner = measure_ops(
-        {SLOW_SYNC: Op(lambda: slow.save(TrainState(step=next(steps)), blocking=True)),
-         SLOW_ASYNC: Op(lambda: _async_op(slow, steps))}, args, env)
+        {
+            SLOW_SYNC: Op(lambda: slow.save(TrainState(step=next(steps)), blocking=True)),
+            SLOW_ASYNC: Op(lambda: _async_op(slow, steps)),
+        },
+        args,
+        env,
+    )
     window = _train_window(loop, median(round_medians(slow_times[SLOW_SYNC])), env)
 
     def train() -> None:
@@ -155,7 +191,8 @@ def _slow_phases(args: BenchArgs, env: DistEnv, slow: Checkpointer, loop: Framew
         slow.save(TrainState(step=next(steps)), blocking=False)
 
     train_times, train_inner = measure_ops(
-        {TRAIN: Op(train), TRAIN_BG: Op(train, prepare=start_save, finish=tail)}, args, env)
+        {TRAIN: Op(train), TRAIN_BG: Op(train, prepare=start_save, finish=tail)}, args, env
+    )
     return {**slow_times, **train_times}, {**slow_inner, **train_inner}, window
 
 
@@ -181,27 +218,40 @@ def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
         slow.close()
         ckpt.close()
     last = complete_checkpoints(ckpt.root)[-1]
-    dcp_files = {str(p.relative_to(last)): p.stat().st_size
-                 for p in last.rglob("*") if p.is_file()}
+    dcp_files = {str(p.relative_to(last)): p.stat().st_size for p in last.rglob("*") if p.is_file()}
     written = files.bytes_written()
-    return {"times": {**times, **slow_times}, "inner": {**inner, **slow_inner},
-            "params": sum(p.numel() for p in model.parameters()), "layers": len(model),
-            "state_bytes": files.scratch.numel(),
-            "slow_state_bytes": sum(p.nbytes for p in slow_model.parameters()),
-            "slow_rate_Bps": rate, "train_window_steps": window,
-            "train_model": loop.trainer.cfg.model.name,
-            "precision": loop.trainer.cfg.precision.dtype,
-            "world_size": env.world_size, "threads": torch.get_num_threads(),
-            "cold_reads": hasattr(os, "posix_fadvise"), "work_dir": args.run_dir,
-            "dcp_files_bytes": dcp_files, "dcp_bytes_written": sum(dcp_files.values()),
-            "raw_bytes_written": written["raw"], "torch_save_bytes_written": written["torch.save"],
-            "machine": machine_info()}
+    return {
+        "times": {**times, **slow_times},
+        "inner": {**inner, **slow_inner},
+        "params": sum(p.numel() for p in model.parameters()),
+        "layers": len(model),
+        "state_bytes": files.scratch.numel(),
+        "slow_state_bytes": sum(p.nbytes for p in slow_model.parameters()),
+        "slow_rate_Bps": rate,
+        "train_window_steps": window,
+        "train_model": loop.trainer.cfg.model.name,
+        "precision": loop.trainer.cfg.precision.dtype,
+        "world_size": env.world_size,
+        "threads": torch.get_num_threads(),
+        "cold_reads": hasattr(os, "posix_fadvise"),
+        "work_dir": args.run_dir,
+        "dcp_files_bytes": dcp_files,
+        "dcp_bytes_written": sum(dcp_files.values()),
+        "raw_bytes_written": written["raw"],
+        "torch_save_bytes_written": written["torch.save"],
+        "machine": machine_info(),
+    }
 
 
 def _row(name: str, rounds: list[list[float]], payload: int = 0, steps: int = 0) -> dict[str, Any]:
     per_round = round_medians(rounds)
-    row: dict[str, Any] = {"name": name, "time_s": summarize(per_round),
-                           "time_s_per_round": per_round, "op_times_s": rounds, "rate": ""}
+    row: dict[str, Any] = {
+        "name": name,
+        "time_s": summarize(per_round),
+        "time_s_per_round": per_round,
+        "op_times_s": rounds,
+        "rate": "",
+    }
     if payload:
         row["payload_bytes"] = payload
         row["GBps"] = summarize([payload / t / 1e9 for t in per_round])
@@ -212,30 +262,44 @@ def _row(name: str, rounds: list[list[float]], payload: int = 0, steps: int = 0)
     return row
 
 
-COLUMNS = [Column("time_s.median", "median ms", 1e3, ".1f"),
-           Column("time_s.q1", "q1 ms", 1e3, ".1f"), Column("time_s.q3", "q3 ms", 1e3, ".1f"),
-           Column("time_s.min", "min ms", 1e3, ".1f"), Column("rate", "rate")]
+COLUMNS = [
+    Column("time_s.median", "median ms", 1e3, ".1f"),
+    Column("time_s.q1", "q1 ms", 1e3, ".1f"),
+    Column("time_s.q3", "q3 ms", 1e3, ".1f"),
+    Column("time_s.min", "min ms", 1e3, ".1f"),
+    Column("rate", "rate"),
+]
 # The issue's targets: label -> (bound, True when the ratio must be at least the bound).
-TARGETS = {"sync save GB/s / slower of (raw write, torch.save), new files": (0.9, True),
-           "dcp load GB/s / torch.load+load_state_dict GB/s": (0.9, True),
-           "async blocking / memcopy (clone) time": (1.2, False),
-           "slow storage: async blocking / sync save time": (0.1, False),
-           "training steps/s with a background save / without": (0.9, True)}
+TARGETS = {
+    "sync save GB/s / slower of (raw write, torch.save), new files": (0.9, True),
+    "dcp load GB/s / torch.load+load_state_dict GB/s": (0.9, True),
+    "async blocking / memcopy (clone) time": (1.2, False),
+    "slow storage: async blocking / sync save time": (0.1, False),
+    "training steps/s with a background save / without": (0.9, True),
+}
 
 
-def _rows(times: dict[str, list[list[float]]], inner: dict[str, Any],
-          result: dict[str, Any]) -> list[dict[str, Any]]:
+def _rows(
+    times: dict[str, list[list[float]]], inner: dict[str, Any], result: dict[str, Any]
+) -> list[dict[str, Any]]:
     size, slow = result["state_bytes"], result["slow_state_bytes"]
-    rows = [_row(SYNC, times[SYNC], size),
-            _row(f"{ASYNC}: blocking", inner[ASYNC]["blocking_s"]),
-            _row(f"{ASYNC}: total", times[ASYNC], size)]
-    rows += [_row(name, times[name], size)
-             for name in (RAW_W, RAW_INPLACE, TSAVE, CLONE, COPY, DLOAD, TLOAD, TLOAD_SD, RAW_R)]
-    rows += [_row(SLOW_SYNC, times[SLOW_SYNC], slow),
-             _row(f"{SLOW_ASYNC}: blocking", inner[SLOW_ASYNC]["blocking_s"]),
-             _row(f"{SLOW_ASYNC}: total", times[SLOW_ASYNC], slow)]
-    return rows + [_row(name, times[name], steps=result["train_window_steps"])
-                   for name in (TRAIN, TRAIN_BG)]
+    rows = [
+        _row(SYNC, times[SYNC], size),
+        _row(f"{ASYNC}: blocking", inner[ASYNC]["blocking_s"]),
+        _row(f"{ASYNC}: total", times[ASYNC], size),
+    ]
+    rows += [
+        _row(name, times[name], size)
+        for name in (RAW_W, RAW_INPLACE, TSAVE, CLONE, COPY, DLOAD, TLOAD, TLOAD_SD, RAW_R)
+    ]
+    rows += [
+        _row(SLOW_SYNC, times[SLOW_SYNC], slow),
+        _row(f"{SLOW_ASYNC}: blocking", inner[SLOW_ASYNC]["blocking_s"]),
+        _row(f"{SLOW_ASYNC}: total", times[SLOW_ASYNC], slow),
+    ]
+    return rows + [
+        _row(name, times[name], steps=result["train_window_steps"]) for name in (TRAIN, TRAIN_BG)
+    ]
 
 
 def _ratios(times: dict[str, list[list[float]]], inner: dict[str, Any]) -> dict[str, Any]:
@@ -243,9 +307,13 @@ def _ratios(times: dict[str, list[list[float]]], inner: dict[str, Any]) -> dict[
     m = {name: round_medians(rounds) for name, rounds in times.items()}
     block = round_medians(inner[ASYNC]["blocking_s"])
     slower = [max(a, b) for a, b in zip(m[RAW_W], m[TSAVE], strict=True)]
-    pairs = [(slower, m[SYNC]), (m[TLOAD_SD], m[DLOAD]), (block, m[CLONE]),
-             (round_medians(inner[SLOW_ASYNC]["blocking_s"]), m[SLOW_SYNC]),
-             (m[TRAIN], m[TRAIN_BG])]
+    pairs = [
+        (slower, m[SYNC]),
+        (m[TLOAD_SD], m[DLOAD]),
+        (block, m[CLONE]),
+        (round_medians(inner[SLOW_ASYNC]["blocking_s"]), m[SLOW_SYNC]),
+        (m[TRAIN], m[TRAIN_BG]),
+    ]
     ratios = {label: ratio_summary(a, b) for label, (a, b) in zip(TARGETS, pairs, strict=True)}
     ratios["async blocking / sync save time (local disk)"] = ratio_summary(block, m[SYNC])
     # Not targets, for reference: the disk's best case, and torch.load without the copy.
@@ -262,9 +330,11 @@ def run(args: BenchArgs) -> BenchReport:
     size, slow_size = result["state_bytes"], result["slow_state_bytes"]
     window = result["train_window_steps"]
     ratios = _ratios(times, inner)
-    checks = [f"{label.split(' /')[0]} {ratios[label]['median']:.3f} {'>=' if at_least else '<='} "
-              f"{bound}: {'met' if (ratios[label]['median'] >= bound) == at_least else 'MISSED'}"
-              for label, (bound, at_least) in TARGETS.items()]
+    checks = [
+        f"{label.split(' /')[0]} {ratios[label]['median']:.3f} {'>=' if at_least else '<='} "
+        f"{bound}: {'met' if (ratios[label]['median'] >= bound) == at_least else 'MISSED'}"
+        for label, (bound, at_least) in TARGETS.items()
+    ]
     tails = round_medians(inner[TRAIN_BG]["tail_s"])
     n = result["world_size"]
     notes = [
@@ -276,12 +346,20 @@ def run(args: BenchArgs) -> BenchReport:
         "save GB/s = state bytes / time (each tensor written once over all workers); load and "
         "memcopy GB/s = state bytes / time on each worker (every worker holds the whole state)",
         "loads read from disk: each file's pages are dropped from the page cache before each load"
-        if result["cold_reads"] else "loads read from the page cache (no posix_fadvise here)",
+        if result["cold_reads"]
+        else "loads read from the page cache (no posix_fadvise here)",
         f"slow storage: DCP writes at {result['slow_rate_Bps'] / 1e6:.0f} MB/s per worker, state "
         f"{slow_size / 1e6:.1f} MB; training: {result['train_model']} ({result['precision']}), "
         f"{window} steps per window; the background save ran on for a median "
         f"{median(tails):.2f} s after the window ({sum(t > 0.01 for t in tails)}/{len(tails)} "
         "rounds covered)",
-        "targets (median of per-round ratios): " + "; ".join(checks)]
-    return BenchReport("checkpoint", {**result, "args": args.to_json()},
-                       _rows(times, inner, result), COLUMNS, ratios=ratios, notes=notes)
+        "targets (median of per-round ratios): " + "; ".join(checks),
+    ]
+    return BenchReport(
+        "checkpoint",
+        {**result, "args": args.to_json()},
+        _rows(times, inner, result),
+        COLUMNS,
+        ratios=ratios,
+        notes=notes,
+    )

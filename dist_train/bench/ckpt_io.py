@@ -31,8 +31,9 @@ def linear_stack(params: int) -> nn.Sequential:
     """About `params` fp32 parameters as square bias-free Linear layers of at most 2048 wide
     (16 MiB tensors: many tensors, as in a real model, not one huge buffer)."""
     width = min(2048, max(1, math.isqrt(params)))
-    return nn.Sequential(*(nn.Linear(width, width, bias=False)
-                           for _ in range(max(1, round(params / width**2)))))
+    return nn.Sequential(
+        *(nn.Linear(width, width, bias=False) for _ in range(max(1, round(params / width**2))))
+    )
 
 
 class ThrottledStream:
@@ -40,8 +41,13 @@ class ThrottledStream:
     would have taken that long. The sleep releases the GIL, as a write blocked on a network
     file system does, so a background save competes for the cores as it would there."""
 
-    def __init__(self, stream: Any, rate: float, clock: Callable[[], float] = time.perf_counter,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        stream: Any,
+        rate: float,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self._stream, self._rate, self._clock, self._sleep = stream, rate, clock, sleep
         self._start, self.written = clock(), 0
 
@@ -107,7 +113,7 @@ class PlainFiles:
         self.root, self.model, self.env, self.keep = root, model, env, keep
         self.tensors = {k: t.detach() for k, t in model.state_dict().items()}
         names = sorted(self.tensors)  # the same split on every rank
-        self.share = {n: self.tensors[n] for n in names[env.rank::env.world_size]}
+        self.share = {n: self.tensors[n] for n in names[env.rank :: env.world_size]}
         # One preallocated buffer of the whole state: copies and raw reads land here, so that
         # their figures are memory and disk speed, not page faults of fresh allocations.
         self.scratch = torch.empty(sum(t.nbytes for t in self.tensors.values()), dtype=torch.uint8)
@@ -137,15 +143,15 @@ class PlainFiles:
             os.fsync(f.fileno())
         fsync_dir(self.root)
         self._saves[kind].append(number)
-        for old in self._saves[kind][:-self.keep]:
+        for old in self._saves[kind][: -self.keep]:
             self.path(kind, self.env.rank, old).unlink()
-        del self._saves[kind][:-self.keep]
+        del self._saves[kind][: -self.keep]
 
     def _write_share(self, f: Any) -> None:
         for t in self.share.values():
             view = memoryview(t.numpy()).cast("B")  # the tensor's own memory: no copy
             while view:
-                view = view[f.write(view):]
+                view = view[f.write(view) :]
 
     def raw_write(self, in_place: bool = False) -> None:
         if not in_place:
@@ -182,15 +188,17 @@ class PlainFiles:
         """The same copy into memory allocated once: the memory-bandwidth floor."""
         offset = 0
         for t in self.tensors.values():
-            self.scratch[offset:offset + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
+            self.scratch[offset : offset + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
             offset += t.nbytes
 
     def release(self) -> None:
         self._held = []
 
     def bytes_written(self) -> dict[str, int]:
-        return {"raw": sum(p.stat().st_size for p in self.all_files("raw")),
-                "torch.save": sum(p.stat().st_size for p in self.all_files("pt"))}
+        return {
+            "raw": sum(p.stat().st_size for p in self.all_files("raw")),
+            "torch.save": sum(p.stat().st_size for p in self.all_files("pt")),
+        }
 
 
 def _nothing() -> None:
@@ -223,8 +231,9 @@ def _once(op: Op, env: DistEnv) -> tuple[float, Figures]:
     return elapsed, {**inner, **(op.finish() or {})}
 
 
-def measure_ops(ops: Mapping[str, Op], args: BenchArgs, env: DistEnv
-                ) -> tuple[dict[str, list[list[float]]], dict[str, dict[str, list[list[float]]]]]:
+def measure_ops(
+    ops: Mapping[str, Op], args: BenchArgs, env: DistEnv
+) -> tuple[dict[str, list[list[float]]], dict[str, dict[str, list[list[float]]]]]:
     """Like `harness.measure_interleaved`, for operations that need untimed work around them:
     `warmup` operations each, then `repeats` rotating rounds of `steps` operations. Returns the
     seconds per operation (max over ranks) and the inner figures (max over ranks), per round."""
@@ -238,10 +247,11 @@ def measure_ops(ops: Mapping[str, Op], args: BenchArgs, env: DistEnv
             gc.collect(1)
             results = [_once(ops[name], env) for _ in range(args.steps)]
             keys = sorted(results[0][1])
-            flat = max_over_ranks([t for t, _ in results]
-                                  + [figs[k] for k in keys for _, figs in results], env)
+            flat = max_over_ranks(
+                [t for t, _ in results] + [figs[k] for k in keys for _, figs in results], env
+            )
             n = args.steps
             times[name].append(flat[:n])
             for i, key in enumerate(keys, start=1):
-                inner[name].setdefault(key, []).append(flat[i * n:(i + 1) * n])
+                inner[name].setdefault(key, []).append(flat[i * n : (i + 1) * n])
     return times, inner

@@ -63,9 +63,16 @@ def bench_config(args: BenchArgs, extra: Sequence[str] = (), run: str = "run") -
     """The user's config and overrides, then the benchmark's own: a scratch run directory, no
     progress bar, and a schedule as long as the benchmark (the learning rate costs nothing, but
     keeps the run a valid one)."""
-    return load_config(args.config, [*args.overrides, *extra,
-                                     f"train.run_dir={Path(args.run_dir) / run}",
-                                     "log.progress=never", f"train.max_steps={args.total_steps}"])
+    return load_config(
+        args.config,
+        [
+            *args.overrides,
+            *extra,
+            f"train.run_dir={Path(args.run_dir) / run}",
+            "log.progress=never",
+            f"train.max_steps={args.total_steps}",
+        ],
+    )
 
 
 def max_over_ranks(values: Sequence[float], env: DistEnv) -> list[float]:
@@ -95,8 +102,9 @@ def _time_round(run: StepRunner, steps: int, env: DistEnv) -> list[float]:
     return [(time.perf_counter() - start) / steps]
 
 
-def measure_interleaved(runners: Mapping[str, StepRunner], args: BenchArgs,
-                        env: DistEnv) -> dict[str, list[list[float]]]:
+def measure_interleaved(
+    runners: Mapping[str, StepRunner], args: BenchArgs, env: DistEnv
+) -> dict[str, list[list[float]]]:
     """Seconds per step (or operation) of each contender: `warmup` untimed steps each, then
     `repeats` rounds of `steps` timed steps each, in rotating order; a list per round. Ranks
     start each round together."""
@@ -127,9 +135,14 @@ def free_port() -> int:
 
 def _worker_main(fn: Worker, args: BenchArgs, rank: int, port: int) -> None:
     if args.nproc > 1:  # one worker is a plain process: no group, no DDP, as in `dist-train train`
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc),
-                          LOCAL_WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+        os.environ.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(args.nproc),
+            LOCAL_WORLD_SIZE=str(args.nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
     # Accelerate picks its own thread count when OMP_NUM_THREADS is unset; torch reads the call.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
@@ -174,8 +187,10 @@ def run_workers(fn: Worker, args: BenchArgs, timeout_s: float = 3600.0) -> dict[
     with tempfile.TemporaryDirectory(prefix="dist_train_bench_") as tmp:
         args = dataclasses.replace(args, run_dir=tmp)
         port = free_port()
-        procs = [ctx.Process(target=_worker_main, args=(fn, args, rank, port))
-                 for rank in range(args.nproc)]
+        procs = [
+            ctx.Process(target=_worker_main, args=(fn, args, rank, port))
+            for rank in range(args.nproc)
+        ]
         for p in procs:
             p.start()
         _wait(procs, time.monotonic() + timeout_s)

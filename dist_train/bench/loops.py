@@ -31,12 +31,18 @@ def check_plain_ddp(cfg: RunConfig, nproc: int) -> None:
     hook in dist_train would turn the comparison into one of different work."""
     strategy = resolve_strategy(cfg.parallel, nproc)
     if strategy not in ("none", "ddp"):
-        raise ConfigError("parallel.strategy", cfg.parallel.strategy,
-                          "this benchmark compares plain DDP loops; use auto or ddp")
+        raise ConfigError(
+            "parallel.strategy",
+            cfg.parallel.strategy,
+            "this benchmark compares plain DDP loops; use auto or ddp",
+        )
     compression = getattr(cfg.parallel, "grad_compression", "none")
     if compression != "none":
-        raise ConfigError("parallel.grad_compression", compression,
-                          "this benchmark compares plain DDP loops; use none")
+        raise ConfigError(
+            "parallel.grad_compression",
+            compression,
+            "this benchmark compares plain DDP loops; use none",
+        )
 
 
 class FrameworkLoop:
@@ -73,8 +79,10 @@ def raw_loss(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices and embeddings, not biases and norm gains (what nanoGPT does too)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -106,8 +114,12 @@ class RawLoop:
         self.model: nn.Module = model
         if env.world_size > 1:
             ids = [env.device.index] if env.device.type == "cuda" else None
-            self.model = DDP(model, device_ids=ids, bucket_cap_mb=cfg.parallel.bucket_cap_mb,
-                             static_graph=cfg.parallel.static_graph)
+            self.model = DDP(
+                model,
+                device_ids=ids,
+                bucket_cap_mb=cfg.parallel.bucket_cap_mb,
+                static_graph=cfg.parallel.static_graph,
+            )
         self.optimizer = raw_optimizer(cfg, model)
         dtype = DTYPES[cfg.precision.dtype]
         self.autocast_dtype = None if dtype == torch.float32 else dtype
@@ -125,8 +137,10 @@ class RawLoop:
     def _load(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.data.train.get_batch(idx)
         if self.env.device.type == "cuda":
-            return (x.pin_memory().to(self.env.device, non_blocking=True),
-                    y.pin_memory().to(self.env.device, non_blocking=True))
+            return (
+                x.pin_memory().to(self.env.device, non_blocking=True),
+                y.pin_memory().to(self.env.device, non_blocking=True),
+            )
         return x, y
 
     def run(self, steps: int) -> None:
@@ -168,14 +182,20 @@ class RawLoop:
 
 def training_settings(cfg: RunConfig, env: DistEnv, loop: FrameworkLoop) -> dict[str, Any]:
     """What a training benchmark ran: enough to compare two result files."""
-    return {"model": cfg.model._target_ or cfg.model.name,
-            "parameters": sum(p.numel() for p in loop.parameters()),
-            "world_size": env.world_size, "device": str(env.device), "backend": env.backend,
-            "precision": cfg.precision.dtype, "global_batch_size": cfg.train.global_batch_size,
-            "micro_batch_size": micro_batch_size(cfg, env.world_size),
-            "accumulation_steps": accumulation_steps(cfg, env.world_size),
-            "bucket_cap_mb": cfg.parallel.bucket_cap_mb, "grad_clip": cfg.optim.grad_clip,
-            "tokens_per_sample": loop.data.spec.tokens_per_sample}
+    return {
+        "model": cfg.model._target_ or cfg.model.name,
+        "parameters": sum(p.numel() for p in loop.parameters()),
+        "world_size": env.world_size,
+        "device": str(env.device),
+        "backend": env.backend,
+        "precision": cfg.precision.dtype,
+        "global_batch_size": cfg.train.global_batch_size,
+        "micro_batch_size": micro_batch_size(cfg, env.world_size),
+        "accumulation_steps": accumulation_steps(cfg, env.world_size),
+        "bucket_cap_mb": cfg.parallel.bucket_cap_mb,
+        "grad_clip": cfg.optim.grad_clip,
+        "tokens_per_sample": loop.data.spec.tokens_per_sample,
+    }
 
 
 class _HostSyncCounter(TorchFunctionMode):
@@ -205,6 +225,8 @@ def count_host_syncs(run: Callable[[int], None]) -> int:
 def max_param_diff(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor]) -> float:
     """Largest absolute difference between two models' parameters after the benchmark: near
     zero shows that the contenders did the same work, step for step."""
-    diffs = [(x.detach().float() - y.detach().float()).abs().max().item()
-             for x, y in zip(a, b, strict=True)]
+    diffs = [
+        (x.detach().float() - y.detach().float()).abs().max().item()
+        for x, y in zip(a, b, strict=True)
+    ]
     return max(diffs, default=0.0)

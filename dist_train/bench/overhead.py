@@ -28,8 +28,9 @@ class Contender(Protocol):
     def close(self) -> None: ...
 
 
-def head_to_head(args: BenchArgs, env: DistEnv, framework: FrameworkLoop, name: str,
-                 contender: Contender) -> dict[str, Any]:
+def head_to_head(
+    args: BenchArgs, env: DistEnv, framework: FrameworkLoop, name: str, contender: Contender
+) -> dict[str, Any]:
     """Interleaved rounds of dist_train against one other loop doing the same work."""
     try:
         # Some contenders (Accelerate) set their own thread count while being built: set it
@@ -41,29 +42,49 @@ def head_to_head(args: BenchArgs, env: DistEnv, framework: FrameworkLoop, name: 
     finally:  # DDP wrappers go before the process group does
         contender.close()
         framework.close()
-    return {"step_times": times, "max_param_diff": diff, "host_syncs_per_step": syncs,
-            "threads": torch.get_num_threads(), **training_settings(framework.trainer.cfg, env, framework)}
+    return {
+        "step_times": times,
+        "max_param_diff": diff,
+        "host_syncs_per_step": syncs,
+        "threads": torch.get_num_threads(),
+        **training_settings(framework.trainer.cfg, env, framework),
+    }
 
 
-def head_to_head_report(args: BenchArgs, result: dict[str, Any], name: str,
-                        setup: str = "") -> BenchReport:
+def head_to_head_report(
+    args: BenchArgs, result: dict[str, Any], name: str, setup: str = ""
+) -> BenchReport:
     times = result.pop("step_times")
     batch = result["global_batch_size"]
     rows = timing_rows(times, {FRAMEWORK: batch, name: batch}, result["tokens_per_sample"])
     return BenchReport(
-        args.name, {**result, "args": args.to_json()}, rows, TIMING_COLUMNS,
-        ratios={f"step time {FRAMEWORK}/{name}": ratio_summary(round_medians(times[FRAMEWORK]),
-                                                             round_medians(times[name]))},
-        notes=[f"{args.nproc} worker(s) x {result['threads']} thread(s), "
-               f"{result['precision']}, global batch {batch}{setup}; parameters after the run "
-               f"differ by at most {result['max_param_diff']:.2g} (same work)",
-               f"host syncs (tensor value reads) per step: {result['host_syncs_per_step']}"])
+        args.name,
+        {**result, "args": args.to_json()},
+        rows,
+        TIMING_COLUMNS,
+        ratios={
+            f"step time {FRAMEWORK}/{name}": ratio_summary(
+                round_medians(times[FRAMEWORK]), round_medians(times[name])
+            )
+        },
+        notes=[
+            f"{args.nproc} worker(s) x {result['threads']} thread(s), "
+            f"{result['precision']}, global batch {batch}{setup}; parameters after the run "
+            f"differ by at most {result['max_param_diff']:.2g} (same work)",
+            f"host syncs (tensor value reads) per step: {result['host_syncs_per_step']}",
+        ],
+    )
 
 
 def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
     framework = FrameworkLoop(bench_config(args), env)
-    return head_to_head(args, env, framework, RAW,
-                        RawLoop(framework.trainer.cfg, env, framework.data, args.total_steps))
+    return head_to_head(
+        args,
+        env,
+        framework,
+        RAW,
+        RawLoop(framework.trainer.cfg, env, framework.data, args.total_steps),
+    )
 
 
 def run(args: BenchArgs) -> BenchReport:

@@ -35,20 +35,31 @@ class BenchReport:
     notes: list[str] = field(default_factory=list)  # lines printed under the table
 
     def to_json(self) -> dict[str, Any]:
-        return {"benchmark": self.name, "settings": self.settings, "results": self.rows,
-                "ratios": self.ratios, "notes": self.notes}
+        return {
+            "benchmark": self.name,
+            "settings": self.settings,
+            "results": self.rows,
+            "ratios": self.ratios,
+            "notes": self.notes,
+        }
 
 
 def machine_info() -> dict[str, Any]:
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "platform": platform.platform(), "cpu_count": torch.multiprocessing.cpu_count(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": torch.multiprocessing.cpu_count(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
-def timing_rows(step_times: Mapping[str, Sequence[Sequence[float]]],
-                samples_per_step: Mapping[str, int],
-                tokens_per_sample: int = 0) -> list[dict[str, Any]]:
+def timing_rows(
+    step_times: Mapping[str, Sequence[Sequence[float]]],
+    samples_per_step: Mapping[str, int],
+    tokens_per_sample: int = 0,
+) -> list[dict[str, Any]]:
     """Rows for training contenders: step time in seconds (one figure per round, the median of
     its steps; every step's time is kept too) and throughput, each with median and spread."""
     rows = []
@@ -56,20 +67,26 @@ def timing_rows(step_times: Mapping[str, Sequence[Sequence[float]]],
         times = round_medians(rounds)
         samples = [samples_per_step[name] / t for t in times]
         row: dict[str, Any] = {
-            "name": name, "samples_per_step": samples_per_step[name],
-            "step_time_s": summarize(times), "samples_per_sec": summarize(samples),
-            "step_time_s_per_round": times, "step_times_s": [list(r) for r in rounds]}
+            "name": name,
+            "samples_per_step": samples_per_step[name],
+            "step_time_s": summarize(times),
+            "samples_per_sec": summarize(samples),
+            "step_time_s_per_round": times,
+            "step_times_s": [list(r) for r in rounds],
+        }
         if tokens_per_sample:
             row["tokens_per_sec"] = summarize([s * tokens_per_sample for s in samples])
         rows.append(row)
     return rows
 
 
-TIMING_COLUMNS = [Column("step_time_s.median", "step ms", 1e3, ".2f"),
-                  Column("step_time_s.q1", "q1 ms", 1e3, ".2f"),
-                  Column("step_time_s.q3", "q3 ms", 1e3, ".2f"),
-                  Column("step_time_s.min", "min ms", 1e3, ".2f"),
-                  Column("samples_per_sec.median", "samples/s", 1.0, ".1f")]
+TIMING_COLUMNS = [
+    Column("step_time_s.median", "step ms", 1e3, ".2f"),
+    Column("step_time_s.q1", "q1 ms", 1e3, ".2f"),
+    Column("step_time_s.q3", "q3 ms", 1e3, ".2f"),
+    Column("step_time_s.min", "min ms", 1e3, ".2f"),
+    Column("samples_per_sec.median", "samples/s", 1.0, ".1f"),
+]
 
 
 def _lookup(row: Mapping[str, Any], dotted: str) -> Any:
@@ -87,8 +104,10 @@ def _cell(value: Any, column: Column) -> str:
 
 def format_table(report: BenchReport) -> str:
     headers = ["", *(c.header for c in report.columns)]
-    body = [[str(row["name"]), *(_cell(_lookup(row, c.key), c) for c in report.columns)]
-            for row in report.rows]
+    body = [
+        [str(row["name"]), *(_cell(_lookup(row, c.key), c) for c in report.columns)]
+        for row in report.rows
+    ]
     widths = [max(len(line[i]) for line in [headers, *body]) for i in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:
@@ -99,9 +118,11 @@ def format_table(report: BenchReport) -> str:
     lines = [f"== bench {report.name} ==", line(headers), line(["-" * w for w in widths])]
     lines += [line(cells) for cells in body]
     for label, r in report.ratios.items():
-        lines.append(f"{label}: {r['median']:.3f}  (per-round q1-q3 {r['q1']:.3f}-{r['q3']:.3f}, "
-                     f"min-max {r['min']:.3f}-{r['max']:.3f}; ratio of medians "
-                     f"{r['ratio_of_medians']:.3f})")
+        lines.append(
+            f"{label}: {r['median']:.3f}  (per-round q1-q3 {r['q1']:.3f}-{r['q3']:.3f}, "
+            f"min-max {r['min']:.3f}-{r['max']:.3f}; ratio of medians "
+            f"{r['ratio_of_medians']:.3f})"
+        )
     lines += report.notes
     return "\n".join(lines)
 

@@ -22,7 +22,8 @@ def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
     solo_cfg = bench_config(args, run="solo")  # the config as given is one worker's share
     n = env.world_size
     group_cfg = bench_config(
-        args, [f"train.global_batch_size={solo_cfg.train.global_batch_size * n}"], run="group")
+        args, [f"train.global_batch_size={solo_cfg.train.global_batch_size * n}"], run="group"
+    )
     # Rank 0 alone, as a one-worker run: its own environment, no DDP, no collectives.
     solo_env = DistEnv(0, 0, 1, 1, env.device, env.backend)
     solo = FrameworkLoop(solo_cfg, solo_env) if env.is_main else None
@@ -30,15 +31,20 @@ def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
     names = ("1 worker", f"{n} workers")
     try:
         torch.set_num_threads(args.threads)
-        times = measure_interleaved({names[0]: solo.run if solo else _idle, names[1]: group.run},
-                                    args, env)
+        times = measure_interleaved(
+            {names[0]: solo.run if solo else _idle, names[1]: group.run}, args, env
+        )
     finally:
         group.close()
         if solo:
             solo.close()
-    return {"step_times": times, "names": names, "threads": torch.get_num_threads(),
-            "per_worker_batch": solo_cfg.train.global_batch_size,
-            **training_settings(group_cfg, env, group)}
+    return {
+        "step_times": times,
+        "names": names,
+        "threads": torch.get_num_threads(),
+        "per_worker_batch": solo_cfg.train.global_batch_size,
+        **training_settings(group_cfg, env, group),
+    }
 
 
 def run(args: BenchArgs) -> BenchReport:
@@ -49,7 +55,13 @@ def run(args: BenchArgs) -> BenchReport:
     # Efficiency = samples/s at N / (N x samples/s at 1) = step time at 1 / step time at N.
     efficiency = ratio_summary(round_medians(times[solo]), round_medians(times[group]))
     return BenchReport(
-        "scaling", {**result, "args": args.to_json()}, rows, TIMING_COLUMNS,
+        "scaling",
+        {**result, "args": args.to_json()},
+        rows,
+        TIMING_COLUMNS,
         ratios={f"scaling efficiency ({group} vs {n} x 1 worker)": efficiency},
-        notes=[f"each worker: batch {batch}, {result['threads']} thread(s) ({result['precision']}); "
-               f"{group} = {efficiency['median'] * n:.2f}x the samples/s of 1 worker"])
+        notes=[
+            f"each worker: batch {batch}, {result['threads']} thread(s) ({result['precision']}); "
+            f"{group} = {efficiency['median'] * n:.2f}x the samples/s of 1 worker"
+        ],
+    )

@@ -30,8 +30,16 @@ def summarize(xs: Sequence[float]) -> dict[str, float]:
     """Median and spread. The median, not the mean: a noisy machine adds slow outliers, and a
     few of them should not move the headline figure."""
     q1, q3 = quantile(xs, 0.25), quantile(xs, 0.75)
-    return {"median": median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1,
-            "min": min(xs), "max": max(xs), "mean": sum(xs) / len(xs), "n": len(xs)}
+    return {
+        "median": median(xs),
+        "q1": q1,
+        "q3": q3,
+        "iqr": q3 - q1,
+        "min": min(xs),
+        "max": max(xs),
+        "mean": sum(xs) / len(xs),
+        "n": len(xs),
+    }
 
 
 def round_medians(rounds: Sequence[Sequence[float]]) -> list[float]:
@@ -53,9 +61,15 @@ def ratio_summary(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     ratio of the two medians for comparison."""
     per_round = paired_ratios(a, b)
     summary = summarize(per_round)
-    return {"median": summary["median"], "q1": summary["q1"], "q3": summary["q3"],
-            "min": summary["min"], "max": summary["max"],
-            "ratio_of_medians": median(a) / median(b), "per_round": per_round}
+    return {
+        "median": summary["median"],
+        "q1": summary["q1"],
+        "q3": summary["q3"],
+        "min": summary["min"],
+        "max": summary["max"],
+        "ratio_of_medians": median(a) / median(b),
+        "per_round": per_round,
+    }
 
 
 def interleaved_order(names: Sequence[str], rounds: int) -> list[list[str]]:

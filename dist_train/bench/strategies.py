@@ -47,8 +47,11 @@ def check_config(cfg: RunConfig, nproc: int) -> None:
     """Compression hooks are DDP's only: FSDP contenders could not run with them, and compressed
     DDP against uncompressed FSDP would compare different work."""
     if cfg.parallel.grad_compression != "none":
-        raise ConfigError("parallel.grad_compression", cfg.parallel.grad_compression,
-                          "this benchmark compares strategies without compression; use none")
+        raise ConfigError(
+            "parallel.grad_compression",
+            cfg.parallel.grad_compression,
+            "this benchmark compares strategies without compression; use none",
+        )
 
 
 def _supported(dtype: str, device: torch.device) -> bool:
@@ -66,13 +69,21 @@ def _local_bytes(t: torch.Tensor) -> int:
 
 
 def _grad_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(_local_bytes(p.grad) for g in optimizer.param_groups for p in g["params"]
-               if p.grad is not None)
+    return sum(
+        _local_bytes(p.grad)
+        for g in optimizer.param_groups
+        for p in g["params"]
+        if p.grad is not None
+    )
 
 
 def _optim_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(_local_bytes(v) for state in optimizer.state.values() for v in state.values()
-               if isinstance(v, torch.Tensor))
+    return sum(
+        _local_bytes(v)
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    )
 
 
 def _bucket_bytes(model: nn.Module) -> int:
@@ -101,7 +112,9 @@ class Contender:
             before = torch.cuda.memory_allocated(env.device)
         self.loop = FrameworkLoop(cfg, env)
         self.grad_bytes = self._probe()
-        self.cuda_peak_bytes = (torch.cuda.max_memory_allocated(env.device) - before) if cuda else None
+        self.cuda_peak_bytes = (
+            (torch.cuda.max_memory_allocated(env.device) - before) if cuda else None
+        )
 
     def _probe(self) -> int:
         """Run the first steps untimed and read the gradients' size right before `zero_grad`
@@ -126,11 +139,17 @@ class Contender:
         """This rank's share, read after the timed rounds (optimizer state exists by then)."""
         trainer = self.loop.trainer
         params = sum(_local_bytes(p) for p in unwrap(trainer.model).parameters())
-        figures = {"params_bytes": params, "grads_bytes": self.grad_bytes,
-                   "optim_bytes": _optim_bytes(trainer.optimizer),
-                   "ddp_bucket_bytes": _bucket_bytes(trainer.model)}
-        return {**figures, "state_bytes": sum(figures.values()),
-                "cuda_peak_bytes": self.cuda_peak_bytes}
+        figures = {
+            "params_bytes": params,
+            "grads_bytes": self.grad_bytes,
+            "optim_bytes": _optim_bytes(trainer.optimizer),
+            "ddp_bucket_bytes": _bucket_bytes(trainer.model),
+        }
+        return {
+            **figures,
+            "state_bytes": sum(figures.values()),
+            "cuda_peak_bytes": self.cuda_peak_bytes,
+        }
 
 
 def _idle(steps: int) -> None:
@@ -142,8 +161,11 @@ def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
     solo_env = DistEnv(0, 0, 1, 1, env.device, env.backend)  # rank 0 alone: no group, no DDP
 
     def config(strategy: str, dtype: str) -> RunConfig:
-        return bench_config(args, [f"parallel.strategy={strategy}", f"precision.dtype={dtype}"],
-                            run=f"{strategy}_{dtype}")
+        return bench_config(
+            args,
+            [f"parallel.strategy={strategy}", f"precision.dtype={dtype}"],
+            run=f"{strategy}_{dtype}",
+        )
 
     # Every rank builds the group contenders in the same order (DDP's broadcast, FSDP's mesh and
     # the checkpointer's group are collectives); rank 0 also builds the solo ones.
@@ -154,11 +176,14 @@ def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
         for strategy, dtype in plan:
             solo = strategy == "none"
             built[f"{strategy} {dtype}"] = (
-                None if solo and not env.is_main
-                else Contender(strategy, dtype, config(strategy, dtype), solo_env if solo else env))
+                None
+                if solo and not env.is_main
+                else Contender(strategy, dtype, config(strategy, dtype), solo_env if solo else env)
+            )
         torch.set_num_threads(args.threads)  # the same for every contender, solo included
         runners: dict[str, Callable[[int], None]] = {
-            name: c.loop.run if c else _idle for name, c in built.items()}
+            name: c.loop.run if c else _idle for name, c in built.items()
+        }
         times = measure_interleaved(runners, args, env)
         memory = {name: c.memory() if c else None for name, c in built.items()}
     finally:  # every DDP wrapper goes before the process group does
@@ -175,9 +200,14 @@ def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
     assert base is not None  # a group contender: every rank holds it
     settings = training_settings(base.loop.trainer.cfg, env, base.loop)
     del settings["precision"]  # the base's; every contender's is in its row
-    return {"step_times": times, "memory": per_rank, "dtypes": dtypes,
-            "threads": torch.get_num_threads(), "peak_rss_mib_per_rank": _gather_rss(env),
-            **settings}
+    return {
+        "step_times": times,
+        "memory": per_rank,
+        "dtypes": dtypes,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mib_per_rank": _gather_rss(env),
+        **settings,
+    }
 
 
 def _gather_rss(env: DistEnv) -> list[float]:
@@ -194,8 +224,10 @@ def _gather_rss(env: DistEnv) -> list[float]:
 def _memory_row(name: str, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     """A contender's memory figures: every rank's, and the largest (the rank that needs most)."""
     ranks = [r[name] for r in per_rank if r.get(name) is not None]
-    row: dict[str, Any] = {"memory_per_rank": ranks,
-                           "state_bytes": max(r["state_bytes"] for r in ranks)}
+    row: dict[str, Any] = {
+        "memory_per_rank": ranks,
+        "state_bytes": max(r["state_bytes"] for r in ranks),
+    }
     peaks = [r["cuda_peak_bytes"] for r in ranks if r["cuda_peak_bytes"] is not None]
     if peaks:
         row["cuda_peak_bytes"] = max(peaks)
@@ -210,8 +242,12 @@ def run(args: BenchArgs) -> BenchReport:
     base_times = round_medians(times[BASE])
     for row in rows:
         strategy, dtype = row["name"].split()
-        row.update(strategy=strategy, precision=dtype, workers=1 if strategy == "none" else n,
-                   **_memory_row(row["name"], per_rank))
+        row.update(
+            strategy=strategy,
+            precision=dtype,
+            workers=1 if strategy == "none" else n,
+            **_memory_row(row["name"], per_rank),
+        )
         # Paired per round against the base: drift of the machine cancels in the ratio.
         row["step_time_vs_base"] = ratio_summary(round_medians(times[row["name"]]), base_times)
     base = next(r for r in rows if r["name"] == BASE)
@@ -220,12 +256,17 @@ def run(args: BenchArgs) -> BenchReport:
         row["state_vs_base"] = row["state_bytes"] / base["state_bytes"]
         if cuda:
             row["cuda_peak_vs_base"] = row["cuda_peak_bytes"] / base["cuda_peak_bytes"]
-    columns = [*TIMING_COLUMNS, Column("workers", "workers", 1.0, ".0f"),
-               Column("state_bytes", "state MiB/rank", 1 / MIB, ".2f")]
+    columns = [
+        *TIMING_COLUMNS,
+        Column("workers", "workers", 1.0, ".0f"),
+        Column("state_bytes", "state MiB/rank", 1 / MIB, ".2f"),
+    ]
     if cuda:
         columns.append(Column("cuda_peak_bytes", "peak MiB/rank", 1 / MIB, ".1f"))
-    columns += [Column("step_time_vs_base.median", "time/ddp fp32", 1.0, ".2f"),
-                Column("state_vs_base", "state/ddp fp32", 1.0, ".2f")]
+    columns += [
+        Column("step_time_vs_base.median", "time/ddp fp32", 1.0, ".2f"),
+        Column("state_vs_base", "state/ddp fp32", 1.0, ".2f"),
+    ]
     skipped = [d for d in DTYPES if d not in result["dtypes"]]
     threads = result["threads"]
     notes = [
@@ -238,12 +279,17 @@ def run(args: BenchArgs) -> BenchReport:
         "state MiB/rank: parameters + gradients + optimizer state + DDP's gradient buckets per "
         "rank,",
         "  from local tensor sizes (FSDP: its shards); no activations"
-        + (". peak MiB/rank: CUDA allocator peak over build + first steps" if cuda
-           else " (CPU has no allocator statistics)")]
+        + (
+            ". peak MiB/rank: CUDA allocator peak over build + first steps"
+            if cuda
+            else " (CPU has no allocator statistics)"
+        ),
+    ]
     if not cuda:
-        notes.append("CPU autocast is fast only with hardware support (bf16: AVX512-BF16/AMX, "
-                     "fp16: AVX512-FP16/AMX-FP16)")
+        notes.append(
+            "CPU autocast is fast only with hardware support (bf16: AVX512-BF16/AMX, "
+            "fp16: AVX512-FP16/AMX-FP16)"
+        )
     if skipped:
         notes.append(f"not measured (no autocast support on this device): {', '.join(skipped)}")
-    return BenchReport("strategies", {**result, "args": args.to_json()}, rows, columns,
-                       notes=notes)
+    return BenchReport("strategies", {**result, "args": args.to_json()}, rows, columns, notes=notes)

@@ -61,8 +61,11 @@ class TrainState:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -96,8 +99,14 @@ def _first_line(error: BaseException) -> str:
 class Checkpointer:
     """Saves and loads model, optimizer, precision (loss scaler), train state and per-rank RNG."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, model: nn.Module,
-                 optimizer: torch.optim.Optimizer, precision: Precision) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        env: DistEnv,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        precision: Precision,
+    ) -> None:
         self.cfg, self.env = cfg, env
         self.model, self.optimizer, self.precision = model, optimizer, precision
         self.root = Path(cfg.train.run_dir) / "checkpoints"
@@ -116,14 +125,25 @@ class Checkpointer:
         # background save blocks for a copy into memory already there (page-locked on CUDA),
         # not for allocating and faulting in a fresh copy of the state every time. Staging runs
         # on the training thread: the optimizer cannot touch the state before the copy is done.
-        self._stager = DefaultStager(StagingOptions(
-            use_pinned_memory=env.device.type == "cuda", use_shared_memory=False,
-            use_async_staging=False, use_non_blocking_copy=False)) if cfg.checkpoint.async_save else None
+        self._stager = (
+            DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=env.device.type == "cuda",
+                    use_shared_memory=False,
+                    use_async_staging=False,
+                    use_non_blocking_copy=False,
+                )
+            )
+            if cfg.checkpoint.async_save
+            else None
+        )
         self._pending: tuple[Future[Any], TrainState, Path] | None = None
 
     def _state(self, with_optimizer: bool) -> dict[str, Any]:
-        state = {"model": get_model_state_dict(self.model),
-                 "precision": self.precision.state_dict()}
+        state = {
+            "model": get_model_state_dict(self.model),
+            "precision": self.precision.state_dict(),
+        }
         if with_optimizer:
             state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
         return state
@@ -151,14 +171,18 @@ class Checkpointer:
         torch.save(rng_state(), tmp / "rng" / f"rank_{self.env.rank}.pt")
         if blocking or not self.cfg.checkpoint.async_save:
             with single_process_quiet():
-                dcp.save(self._state(self._saves_optimizer()), checkpoint_id=tmp,
-                         **self._dcp_kwargs())
+                dcp.save(
+                    self._state(self._saves_optimizer()), checkpoint_id=tmp, **self._dcp_kwargs()
+                )
             self._commit(state, tmp)
         else:
             with single_process_quiet():
-                future = dcp.async_save(self._state(self._saves_optimizer()), checkpoint_id=tmp,
-                                        async_stager=self._stager,
-                                        **self._dcp_kwargs(background=True))
+                future = dcp.async_save(
+                    self._state(self._saves_optimizer()),
+                    checkpoint_id=tmp,
+                    async_stager=self._stager,
+                    **self._dcp_kwargs(background=True),
+                )
             self._pending = (future, TrainState(state.step, state.samples_seen), tmp)  # type: ignore[assignment]
 
     def poll(self) -> None:
@@ -201,10 +225,13 @@ class Checkpointer:
         check_shapes(current, path)
         try:
             with single_process_quiet():
-                dcp.load(current, storage_reader=ThreadedFileSystemReader(path),
-                         **self._dcp_kwargs())
+                dcp.load(
+                    current, storage_reader=ThreadedFileSystemReader(path), **self._dcp_kwargs()
+                )
         except (Exception, CheckpointException) as e:  # DCP raises it on every rank alike
-            raise ConfigError("resume", str(path), f"cannot read checkpoint ({_first_line(e)})") from None
+            raise ConfigError(
+                "resume", str(path), f"cannot read checkpoint ({_first_line(e)})"
+            ) from None
         if not _loaded_in_place(current["model"], self.model):
             set_model_state_dict(self.model, current["model"])
         if "optim" in current:

@@ -29,9 +29,11 @@ def load_model_weights(source: str, key: str) -> dict[str, torch.Tensor]:
         return load_file(source)
     path = find_checkpoint(source, key)
     metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    weights = {name[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
-               for name, meta in metadata.items()
-               if name.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    weights = {
+        name[len("model.") :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for name, meta in metadata.items()
+        if name.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
     try:
         with single_process_quiet():
             dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)
@@ -61,9 +63,12 @@ def init_model(model: nn.Module, source: str | None, freeze: list[str]) -> None:
             detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
             raise ConfigError("model.init_from", source, f"weights do not fit: {detail}") from None
         if result.missing_keys or result.unexpected_keys:
-            raise ConfigError("model.init_from", source,
-                              f"weights do not fit the model: missing {result.missing_keys[:5]}, "
-                              f"unexpected {result.unexpected_keys[:5]}")
+            raise ConfigError(
+                "model.init_from",
+                source,
+                f"weights do not fit the model: missing {result.missing_keys[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}",
+            )
     if freeze:
         names = [name for name, _ in model.named_parameters()]
         for pattern in freeze:

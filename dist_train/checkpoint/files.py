@@ -27,14 +27,30 @@ QUIET_MESSAGE = "torch.distributed is disabled"  # DCP's warning when told no_di
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Settings a run cannot change when it resumes: they define the model or the data stream.
 # Everything else (max_steps, log and eval intervals, micro-batch, lr ...) may change.
-INVARIANT = ("model.name", "model._target_", "model.kwargs", "model.n_layer", "model.n_head",
-             "model.n_embd", "model.block_size", "model.bias", "model.hidden_dims",
-             "model.channels", "data.", "train.global_batch_size", "train.seed", "optim.name")
+INVARIANT = (
+    "model.name",
+    "model._target_",
+    "model.kwargs",
+    "model.n_layer",
+    "model.n_head",
+    "model.n_embd",
+    "model.block_size",
+    "model.bias",
+    "model.hidden_dims",
+    "model.channels",
+    "data.",
+    "train.global_batch_size",
+    "train.seed",
+    "optim.name",
+)
 
 
 def is_complete(path: Path) -> bool:
-    return (STEP_DIR.match(path.name) is not None and (path / ".metadata").is_file()
-            and (path / MANIFEST).is_file())
+    return (
+        STEP_DIR.match(path.name) is not None
+        and (path / ".metadata").is_file()
+        and (path / MANIFEST).is_file()
+    )
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -88,17 +104,28 @@ def invariant_settings(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat_config(cfg).items() if k.startswith(INVARIANT)}
 
 
-def manifest_for(cfg: RunConfig, env: DistEnv, step: int, samples_seen: int,
-                 folder: Path) -> dict[str, Any]:
+def manifest_for(
+    cfg: RunConfig, env: DistEnv, step: int, samples_seen: int, folder: Path
+) -> dict[str, Any]:
     invariant = invariant_settings(cfg)
-    files = {str(p.relative_to(folder)): p.stat().st_size
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     return {
-        "step": step, "samples_seen": samples_seen, "world_size": env.world_size,
+        "step": step,
+        "samples_seen": samples_seen,
+        "world_size": env.world_size,
         "strategy": resolve_strategy(cfg.parallel, env.world_size),
-        "versions": {"dist_train": dist_train.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
-        "config_hash": hashlib.sha256(json.dumps(invariant, sort_keys=True).encode()).hexdigest()[:16],
+        "versions": {
+            "dist_train": dist_train.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "config_hash": hashlib.sha256(json.dumps(invariant, sort_keys=True).encode()).hexdigest()[
+            :16
+        ],
         "config": dataclasses.asdict(cfg),
         "files": files,
     }
@@ -113,12 +140,18 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def check_compatible(cfg: RunConfig, manifest: dict[str, Any], path: Path) -> None:
     saved, now = invariant_settings(manifest["config"]), invariant_settings(cfg)
-    diff = [f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
+    diff = [
+        f"{k} ({saved.get(k)!r} -> {now.get(k)!r})"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
     if diff:
-        raise ConfigError("resume", str(path),
-                          "these settings differ from the checkpoint's and cannot change on "
-                          f"resume: {', '.join(diff)} (use resume=none or a new train.run_dir)")
+        raise ConfigError(
+            "resume",
+            str(path),
+            "these settings differ from the checkpoint's and cannot change on "
+            f"resume: {', '.join(diff)} (use resume=none or a new train.run_dir)",
+        )
 
 
 def check_files(manifest: dict[str, Any], path: Path) -> None:
@@ -127,8 +160,11 @@ def check_files(manifest: dict[str, Any], path: Path) -> None:
         file = path / name
         actual = file.stat().st_size if file.is_file() else None
         if actual != size:
-            raise ConfigError("resume", str(path),
-                              f"corrupted checkpoint: {name} has {actual} bytes, expected {size}")
+            raise ConfigError(
+                "resume",
+                str(path),
+                f"corrupted checkpoint: {name} has {actual} bytes, expected {size}",
+            )
 
 
 def read_tensor_metadata(path: Path) -> dict[str, Any]:
@@ -161,8 +197,9 @@ def check_shapes(state: dict[str, Any], path: Path) -> None:
     extra = [k[6:] for k in saved if k.startswith("model.") and k[6:] not in state["model"]]
     problems += [f"{name} unexpected" for name in extra]
     if problems:
-        raise ConfigError("resume", str(path),
-                          f"checkpoint does not fit this model: {'; '.join(problems[:8])}")
+        raise ConfigError(
+            "resume", str(path), f"checkpoint does not fit this model: {'; '.join(problems[:8])}"
+        )
 
 
 @contextmanager

@@ -59,8 +59,9 @@ class ThreadedFileSystemReader(FileSystemReader):
             return super().read_data(dataclasses.replace(plan, items=items), planner)
         read = super().read_data
         with ThreadPoolExecutor(len(runs), thread_name_prefix="dcp-read") as pool:
-            parts = [pool.submit(read, dataclasses.replace(plan, items=run), planner)
-                     for run in runs]
+            parts = [
+                pool.submit(read, dataclasses.replace(plan, items=run), planner) for run in runs
+            ]
             for part in parts:
                 part.result()  # the first failure is raised here, on the caller's thread
         done: torch.futures.Future[None] = torch.futures.Future()

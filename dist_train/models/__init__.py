@@ -23,15 +23,25 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     if cfg.name == "gpt":
         if spec.task != "lm":
             raise ConfigError("model.name", cfg.name, f"needs token data, got a {spec.task} task")
-        return GPT(spec.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
-                   cfg.dropout, cfg.bias)
+        return GPT(
+            spec.vocab_size,
+            cfg.block_size,
+            cfg.n_layer,
+            cfg.n_head,
+            cfg.n_embd,
+            cfg.dropout,
+            cfg.bias,
+        )
     if spec.task == "lm":
         raise ConfigError("model.name", cfg.name, "cannot model token sequences; use gpt")
     if cfg.name == "mlp":
-        return MLP(math.prod(spec.input_shape), list(cfg.hidden_dims), spec.num_outputs, cfg.dropout)
+        return MLP(
+            math.prod(spec.input_shape), list(cfg.hidden_dims), spec.num_outputs, cfg.dropout
+        )
     if len(spec.input_shape) != 3:
-        raise ConfigError("data.input_shape", list(spec.input_shape),
-                          "cnn needs [channels, height, width]")
+        raise ConfigError(
+            "data.input_shape", list(spec.input_shape), "cnn needs [channels, height, width]"
+        )
     return CNN(spec.input_shape, list(cfg.channels), spec.num_outputs, cfg.dropout)
 
 

@@ -21,7 +21,8 @@ class CausalSelfAttention(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, c)))
 
 
@@ -31,8 +32,12 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd, bias=bias), nn.GELU(),
-                                 nn.Linear(4 * n_embd, n_embd, bias=bias), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd, bias=bias),
+            nn.GELU(),
+            nn.Linear(4 * n_embd, n_embd, bias=bias),
+            nn.Dropout(dropout),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -40,8 +45,16 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int,
-                 n_embd: int, dropout: float = 0.0, bias: bool = False) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        dropout: float = 0.0,
+        bias: bool = False,
+    ) -> None:
         super().__init__()
         self.block_size = block_size
         self.wte = nn.Embedding(vocab_size, n_embd)
@@ -85,8 +98,14 @@ class GPT(nn.Module):
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.8,
-             top_k: int | None = 20, generator: torch.Generator | None = None) -> torch.Tensor:
+def generate(
+    model: GPT,
+    prompt: torch.Tensor,
+    new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = 20,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Autoregressive sampling; `prompt` is (1, t) token ids. Restores the model's mode."""
     was_training = model.training
     model.eval()
