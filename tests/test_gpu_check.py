@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dist_train.data import DataSpec
-from dist_train.gpu_check import checks, cli
+from dist_train.gpu_check import checkpoint_checks, checks, cli, train_checks
 from dist_train.gpu_check.checks import CHECKS, pytest_counts
 from dist_train.gpu_check.runner import Check, CheckFailed, CheckSkipped, Context
 from dist_train.gpu_check.training import TrainRun
@@ -146,7 +146,7 @@ def test_cpu_run_of_real_checks_writes_their_results(tmp_path: Path) -> None:
     assert train["error"] is None and 0 < train["duration_s"] < data["wall_s"]
     n = train["numbers"]
     assert n["steps"] == cli.CPU.train_steps and n["steps_per_sec"] > 0
-    assert n["last_loss"] < checks.LOSS_FALL * n["first_loss"]
+    assert n["last_loss"] < train_checks.LOSS_FALL * n["first_loss"]
     assert train["summary"].startswith(f"loss {n['first_loss']:.3f} -> {n['last_loss']:.3f}")
     e = export["numbers"]
     assert e["weights_bitwise"] and e["outputs_bitwise"] and e["outputs_max_abs_diff"] == 0.0
@@ -269,11 +269,11 @@ def test_resume_check_falls_back_from_strict_determinism_and_reports_the_differe
             [f"step_{k:07d}"],
         )
 
-    monkeypatch.setattr(checks, "stop_and_resume", stop_and_resume)
+    monkeypatch.setattr(checkpoint_checks, "stop_and_resume", stop_and_resume)
     numbers: dict[str, Any] = {}
     ctx = Context(torch.device("cpu"), cli.CPU, tmp_path, REPO)
     with pytest.raises(CheckFailed, match=r"1\.00e-06 \(losses\).*strict determinism refused"):
-        checks.async_checkpoint_resume(ctx, numbers)
+        checkpoint_checks.async_checkpoint_resume(ctx, numbers)
     assert tags == ["strict", "warn"]
     assert not torch.are_deterministic_algorithms_enabled()  # the settings came back
     assert "scatter_add_cuda_kernel" in numbers["strict_determinism_error"]
@@ -291,10 +291,11 @@ def test_pinned_staging_is_required_on_cuda_only(tmp_path: Path) -> None:
     }
     on_cuda = Context(torch.device("cuda", 0), cli.GPU, tmp_path, REPO)  # touches no GPU
     with pytest.raises(CheckFailed, match=r"not page-locked: staging 1\.0 MiB, pinning off"):
-        checks.check_pinned(on_cuda, staging)
-    checks.check_pinned(on_cuda, {**staging, "pin_requested": True})
-    checks.check_pinned(on_cuda, None)  # DCP's internals moved: not observable, not a failure
-    checks.check_pinned(Context(torch.device("cpu"), cli.CPU, tmp_path, REPO), staging)
+        checkpoint_checks.check_pinned(on_cuda, staging)
+    checkpoint_checks.check_pinned(on_cuda, {**staging, "pin_requested": True})
+    # DCP's internals moved: not observable, not a failure
+    checkpoint_checks.check_pinned(on_cuda, None)
+    checkpoint_checks.check_pinned(Context(torch.device("cpu"), cli.CPU, tmp_path, REPO), staging)
 
 
 def test_steps_scale_keeps_every_check_meaningful() -> None:
