@@ -8,33 +8,72 @@ whenever they can be found in the parent. Sub-commands import what they need whe
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dist_train
 from dist_train.bench import add_bench_parser
-from dist_train.errors import DistTrainError
+from dist_train.errors import DistTrainError, PeerError
+from dist_train.rundir import OWNER_ENV, RunLock, owned_run_dir, prepare
 from dist_train.versions import check_torch_version
 
 if TYPE_CHECKING:
     from dist_train.config import RunConfig
+    from dist_train.env import DistEnv
     from dist_train.launcher import LaunchConfig
 
 
-def run_worker(cfg: RunConfig) -> int:
-    """One worker's whole life: join the group, train, always leave the group."""
+def run_worker(cfg: RunConfig, owned: bool = False) -> int:
+    """One worker's whole life: join the group, train, always leave the group. `owned`: the
+    caller (this process, or the launcher of `--nproc N`) holds the run directory; under plain
+    torchrun nobody does yet, and rank 0 takes it."""
     from dist_train.env import dist_session, read_env
     from dist_train.trainer import build_trainer
 
     env = read_env(cfg.train.device)
-    with dist_session(env, cfg.parallel.timeout_s):
+    owned = owned or OWNER_ENV in os.environ
+    with (
+        dist_session(env, cfg.parallel.timeout_s),
+        nullcontext() if owned else _rank0_owns(cfg, env),
+    ):
         trainer = build_trainer(cfg, env)
         try:
             trainer.fit()
         finally:
             trainer.close()
     return 0
+
+
+def _fresh_start(cfg: RunConfig) -> bool:
+    from dist_train.checkpoint.files import resolve_resume
+
+    return resolve_resume(cfg) is None
+
+
+@contextmanager
+def _rank0_owns(cfg: RunConfig, env: DistEnv) -> Iterator[None]:
+    """Plain torchrun: rank 0 locks and prepares the run directory and every rank learns
+    whether it could (a collective), so no rank trains on alone or waits for a peer that left."""
+    from dist_train.env import all_agree, restart_count
+
+    lock, error = RunLock(Path(cfg.train.run_dir)), None
+    if env.is_main:
+        try:
+            lock.acquire()
+            if restart_count() == 0:  # a restarted group continues what the first one prepared
+                prepare(lock.run_dir, _fresh_start(cfg), cfg.train.overwrite, print)
+        except DistTrainError as e:
+            error = e
+    try:
+        if not all_agree(error is None, env):
+            raise error or PeerError(f"rank 0 could not take {cfg.train.run_dir}")
+        yield
+    finally:
+        lock.release()
 
 
 def _launch_config(args: argparse.Namespace) -> LaunchConfig:
@@ -62,8 +101,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return run_worker(cfg)
     lc = _launch_config(args)
     check_launch(lc, device_kind(cfg))
+    run_dir = Path(cfg.train.run_dir)
     if lc.world_size == 1:
-        return run_worker(cfg)
+        fresh = _fresh_start(cfg)
+        with owned_run_dir(run_dir):
+            prepare(run_dir, fresh, cfg.train.overwrite, print)
+            return run_worker(cfg, owned=True)
     plan = build_plan(cfg, lc.world_size)  # every config error surfaces here, once
     if plan.resume_step >= cfg.train.max_steps:
         print(
@@ -79,7 +122,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     for note in plan.notes:
         print(f"note: {note}", flush=True)
-    return launch(lc, ["train", args.config, *args.overrides], cfg.train.run_dir)
+    worker_args = ["train", args.config, *args.overrides]
+    # The launcher of node 0 owns the run directory for the whole launch, restarts included;
+    # the workers (and other nodes) are told so and take no lock of their own.
+    os.environ[OWNER_ENV] = f"launcher {os.getpid()}"
+    if lc.node_rank != 0:
+        return launch(lc, worker_args, run_dir)
+    with owned_run_dir(run_dir):
+        prepare(run_dir, plan.resume_from is None, cfg.train.overwrite, print)
+        return launch(lc, worker_args, run_dir)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -165,7 +216,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_torch_version()
         code = args.func(args)
     except DistTrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from dist_train.env import process_rank
+
+        if not getattr(e, "on_every_rank", False) or process_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -65,7 +65,11 @@ class OptimConfig:
     nesterov: bool = False  # sgd
     schedule: str = "cosine"  # cosine | constant
     warmup_steps: int = 0  # linear warmup from 0
-    min_lr: float = 0.0  # cosine floor, reached at max_steps
+    # Steps the cosine decays over, reaching min_lr at the last of them and staying there. 0: the
+    # run's train.max_steps when it starts; a resume keeps the checkpoint's horizon, so raising
+    # max_steps later trains on at min_lr instead of re-stretching the schedule.
+    decay_steps: int = 0
+    min_lr: float = 0.0  # cosine floor, reached at the last decay step
     grad_clip: float = 1.0  # clip by global norm; 0 disables
 
 
@@ -84,6 +88,14 @@ class TrainConfig:
     compile: bool = (
         False  # torch.compile each block (or the whole model), in place, before wrapping
     )
+    # Start over in a run_dir that holds an earlier run, moving it to run_dir/previous/<time>/
+    # first (nothing is deleted). Without it, such a fresh start is refused.
+    overwrite: bool = False
+    # A non-finite loss or weights: stop (exit with one line naming the step; nothing non-finite
+    # is ever saved) | skip (drop that update, count it as `nonfinite_skips`, and stop after
+    # max_nonfinite_skips in a row; reads the gradient norm on the host every step).
+    on_nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
 
 
 @dataclass
@@ -104,6 +116,10 @@ class PrecisionConfig:
     # fp16 always uses a loss scaler (skips steps with inf/nan grads); bf16 never needs one.
     dtype: str = "fp32"
     reduce_dtype: str = "fp32"  # fsdp: dtype gradients are reduce-scattered in (fp32 | bf16 | fp16)
+    # fp16: warn once when the loss scale falls below this (gradients overflow even unscaled:
+    # the scaler is skipping most steps). Changing dtype on resume is allowed; fp16 then starts
+    # a fresh scaler.
+    warn_loss_scale: float = 1.0
 
 
 @dataclass
@@ -151,10 +167,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision.reduce_dtype": ("fp32", "bf16", "fp16"),
     "precision.dtype": ("fp32", "bf16", "fp16"),
     "log.progress": ("auto", "always", "never"),
+    "train.on_nonfinite": ("stop", "skip"),
 }
 POSITIVE = (
     "train.max_steps",
     "train.global_batch_size",
+    "train.max_nonfinite_skips",
+    "parallel.timeout_s",
+    "optim.lr",
     "log.every_steps",
     "model.n_layer",
     "model.n_head",
@@ -256,6 +276,15 @@ def validate(cfg: RunConfig) -> None:
     for key in POSITIVE:
         if get_key(cfg, key) <= 0:
             raise ConfigError(key, get_key(cfg, key), "must be > 0")
+    if cfg.optim.decay_steps < 0:
+        raise ConfigError("optim.decay_steps", cfg.optim.decay_steps, "must be >= 0 (0: max_steps)")
+    if cfg.train.overwrite and cfg.resume not in ("auto", "none"):
+        raise ConfigError(
+            "train.overwrite",
+            True,
+            f"starts the run over, so it cannot be combined "
+            f"with resume={cfg.resume!r}; use resume=auto or none",
+        )
     if cfg.train.micro_batch_size < 0:
         raise ConfigError(
             "train.micro_batch_size",

@@ -43,6 +43,25 @@ def under_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
     return all(v in environ for v in TORCHRUN_VARS)
 
 
+def process_rank(environ: Mapping[str, str] = os.environ) -> int:
+    """This process's global rank (0 outside torchrun), for deciding who prints."""
+    return int(environ.get("RANK", 0))
+
+
+def restart_count(environ: Mapping[str, str] = os.environ) -> int:
+    """How often torchrun's agent has restarted this worker group (0 on the first attempt)."""
+    return int(environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def all_agree(ok: bool, env: DistEnv) -> bool:
+    """True on every rank when `ok` holds on every rank (a collective: all ranks must call)."""
+    if not env.is_distributed:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=env.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return flag.item() == 0
+
+
 def read_env(device: str = "auto", environ: Mapping[str, str] = os.environ) -> DistEnv:
     """Rank, world size and device from the environment; a plain process is rank 0 of 1."""
     rank = int(environ.get("RANK", 0))

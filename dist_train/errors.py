@@ -15,3 +15,17 @@ class ConfigError(DistTrainError):
     def __init__(self, key: str, value: Any, reason: str) -> None:
         self.key, self.value, self.reason = key, value, reason
         super().__init__(f"{key}={value!r}: {reason}")
+
+
+class NonFiniteError(DistTrainError):
+    """Training produced a non-finite loss or weights; every rank raises it at the same step
+    (decided through a collective), so only the main rank needs to print it."""
+
+    on_every_rank = True
+
+
+class PeerError(DistTrainError):
+    """Raised on the other ranks when the main rank hit a user error that ends the run for
+    all; the main rank prints the real message, these stay quiet."""
+
+    on_every_rank = True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +13,55 @@ from typing import Any, TextIO
 import torch
 
 from dist_train.config import LogConfig
+from dist_train.errors import DistTrainError
+
+METRICS = "metrics.jsonl"
+DISCARDED = "metrics.discarded.jsonl"  # records of attempts that a resume rolled back
+
+
+def strict_record(record: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN or Infinity: such values become null, and `nonfinite` names the keys."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    return {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
+
+
+def append_line(fd: int, line: str, path: Path) -> None:
+    """Append one whole line or nothing: a failed or short write (a full disk) is cut back to
+    where the file ended, so the file never holds half a record."""
+    data = line.encode()
+    end = os.fstat(fd).st_size
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except OSError as e:
+        os.ftruncate(fd, end)
+        raise DistTrainError(f"{path}: {e.strerror or e} while writing metrics") from None
+
+
+def trim_metrics(run_dir: Path, step: int) -> int:
+    """Make metrics.jsonl read as one run resumed at `step`: records after it (from the attempt
+    that was interrupted) and any unreadable line move to metrics.discarded.jsonl. Returns how
+    many moved."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return 0
+    keep, drop = [], []
+    for line in path.read_text().splitlines():
+        try:
+            ok = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        (keep if ok else drop).append(line)
+    if drop:
+        with open(run_dir / DISCARDED, "a") as f:
+            f.writelines(line + "\n" for line in drop)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return len(drop)
 
 
 class MetricsLogger:
@@ -22,14 +73,15 @@ class MetricsLogger:
         cfg: LogConfig,
         max_steps: int,
         stream: TextIO = sys.stdout,
-        append: bool = False,
     ) -> None:
+        """Appends to RUN_DIR/metrics.jsonl (trimmed to the resumed step by `trim_metrics`)."""
         self.enabled = run_dir is not None
         self.stream, self.max_steps = stream, max_steps
-        self.file: TextIO | None = None
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(run_dir / "metrics.jsonl", "a" if append else "w")  # noqa: SIM115
+        self.fd: int | None = None
+        self.path = run_dir / METRICS if run_dir is not None else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         tty = hasattr(stream, "isatty") and stream.isatty()
         self.progress = self.enabled and (
             cfg.progress == "always" or (cfg.progress == "auto" and tty)
@@ -38,11 +90,9 @@ class MetricsLogger:
         self._bar_shown = False
 
     def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+        if self.fd is None or self.path is None:
             return
-        assert self.file is not None
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        append_line(self.fd, json.dumps(strict_record(record), allow_nan=False) + "\n", self.path)
         self.print(" ".join(_fmt(k, v) for k, v in record.items()))
 
     def print(self, text: str) -> None:
@@ -71,9 +121,9 @@ class MetricsLogger:
     def close(self) -> None:
         if self._bar_shown:
             self.stream.write("\n")
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 # Dense bf16/fp16 tensor-core peaks (no sparsity), TFLOP/s per device, by name fragment.

@@ -26,13 +26,19 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine or constant."""
+def decay_horizon(cfg: OptimConfig, max_steps: int) -> int:
+    """Steps the schedule spans: optim.decay_steps, or the run's max_steps when 0."""
+    return cfg.decay_steps or max_steps
+
+
+def lr_at(step: int, cfg: OptimConfig, decay_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine (reaching
+    min_lr exactly at the last step, decay_steps - 1, and staying there) or constant."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     if cfg.schedule == "constant":
         return cfg.lr
-    span = max(1, max_steps - cfg.warmup_steps)
+    span = max(1, decay_steps - 1 - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 

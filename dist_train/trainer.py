@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +16,15 @@ from torch import nn
 
 from dist_train.checkpoint.checkpointer import Checkpointer, TrainState
 from dist_train.checkpoint.export import init_model
-from dist_train.checkpoint.files import resolve_resume
+from dist_train.checkpoint.files import complete_checkpoints, read_manifest, resolve_resume
 from dist_train.config import RunConfig, accumulation_steps, micro_batch_size, save_config
 from dist_train.data import Data, DataSpec, GlobalBatchSampler, build_data
-from dist_train.env import DistEnv, all_reduce_mean
-from dist_train.metrics import MetricsLogger, mfu, peak_flops
+from dist_train.env import DistEnv, all_agree, all_reduce_mean
+from dist_train.errors import NonFiniteError
+from dist_train.metrics import MetricsLogger, mfu, peak_flops, trim_metrics
 from dist_train.models import build_model
 from dist_train.models.gpt import GPT, generate
-from dist_train.optim import build_optimizer, clip_and_measure, lr_at, set_lr
+from dist_train.optim import build_optimizer, clip_and_measure, decay_horizon, lr_at, set_lr
 from dist_train.parallel import grad_sync, unwrap, wrap_model
 from dist_train.precision import Precision
 
@@ -70,6 +73,10 @@ class Trainer:
         self._mfu_inputs = (flops(), peak) if flops is not None and peak else None
         # Loss summed on the device between log steps: no host sync on steps that do not log.
         self._interval_loss = torch.zeros((), device=env.device)
+        # on_nonfinite=skip: updates dropped (in total, in a row, in this log interval).
+        self.skip_nonfinite = cfg.train.on_nonfinite == "skip"
+        self.nonfinite_skips, self._skips_in_a_row, self._interval_skips = 0, 0, 0
+        self._warned_scale = False
 
     def _to_device(
         self, indices: torch.Tensor, dataset: object
@@ -84,7 +91,8 @@ class Trainer:
 
     def train_step(self, step: int, measure_norm: bool) -> torch.Tensor | None:
         """One optimizer step over this rank's slice of the global batch, in micro-batches."""
-        set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.train.max_steps))
+        set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.optim.decay_steps))
+        before = self._interval_loss.clone() if self.skip_nonfinite else None
         indices = self.sampler.rank_indices(step, self.env.rank, self.env.world_size)
         chunks = indices.split(self.micro_batch_size)
         for i, chunk in enumerate(chunks):
@@ -98,11 +106,54 @@ class Trainer:
             self._interval_loss += loss.detach()
         self.precision.unscale_(self.optimizer)
         norm = clip_and_measure(
-            self.model, self.cfg.optim.grad_clip, measure_norm or self.precision.needs_grad_norm
+            self.model,
+            self.cfg.optim.grad_clip,
+            measure_norm or self.precision.needs_grad_norm or self.skip_nonfinite,
         )
-        self.precision.step(self.optimizer, norm)
+        if before is not None and self._skipped(norm, before, step):  # type: ignore[arg-type]
+            if self.precision.scaler:  # it skips the update itself, and lowers the scale
+                self.precision.step(self.optimizer, norm)
+        else:
+            self.precision.step(self.optimizer, norm)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def _skipped(self, norm: torch.Tensor, before: torch.Tensor, step: int) -> bool:
+        """on_nonfinite=skip: drop an update whose gradients are not finite. The global norm is
+        the same on every rank (DDP/FSDP reduce it), so all ranks decide alike, at the price of
+        one host sync per step that only this mode pays."""
+        if torch.isfinite(norm).item():
+            self._skips_in_a_row = 0
+            return False
+        self._interval_loss.copy_(before)  # the interval's loss is the mean of applied steps
+        self.nonfinite_skips += 1
+        self._interval_skips += 1
+        self._skips_in_a_row += 1
+        if self._skips_in_a_row > self.cfg.train.max_nonfinite_skips:
+            raise NonFiniteError(
+                f"train.on_nonfinite=skip: {self._skips_in_a_row} updates in a row had "
+                f"non-finite gradients, the last at step {step + 1} "
+                f"(train.max_nonfinite_skips={self.cfg.train.max_nonfinite_skips}); "
+                + self._last_good()
+            )
+        return True
+
+    def _last_good(self) -> str:
+        found = complete_checkpoints(self.checkpointer.root)
+        where = f"the newest checkpoint, {found[-1]}, is finite" if found else "nothing was saved"
+        return f"{where}; lower optim.lr, check the data, or clip gradients (optim.grad_clip)"
+
+    def _check_finite_before_save(self) -> None:
+        """Collective, on saving steps only: no checkpoint with a non-finite loss since the last
+        log step, or non-finite weights (any rank's shard), is ever written."""
+        model = unwrap(self.model)
+        local = [getattr(p, "to_local", lambda p=p: p)() for p in model.parameters()]
+        flags = [torch.isfinite(self._interval_loss), *(torch.isfinite(t).all() for t in local)]
+        if not all_agree(bool(torch.stack(flags).all().item()), self.env):
+            raise NonFiniteError(
+                f"train.on_nonfinite: the loss or the weights are not finite at step "
+                f"{self.state.step}; stopped without saving them; " + self._last_good()
+            )
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -138,14 +189,17 @@ class Trainer:
         step, (last_step, last_time) = self.state.step, interval
         if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps:
             return False
-        loss = all_reduce_mean(self._interval_loss, self.env).item() / (step - last_step)
+        applied = step - last_step - self._interval_skips  # on_nonfinite=skip drops some
+        total = all_reduce_mean(self._interval_loss, self.env).item()
+        loss = total / applied if applied else None  # None: every update was skipped
         self._interval_loss.zero_()
+        self._interval_skips = 0
         now = time.perf_counter()
         samples_per_sec = (step - last_step) * self.cfg.train.global_batch_size / (now - last_time)
         record = {
             "step": step,
             "loss": loss,
-            "lr": lr_at(step - 1, self.cfg.optim, self.cfg.train.max_steps),
+            "lr": lr_at(step - 1, self.cfg.optim, self.cfg.optim.decay_steps),
             "grad_norm": None if norm is None else norm.item(),
             "samples_per_sec": samples_per_sec,
             "tokens_per_sec": (
@@ -158,9 +212,32 @@ class Trainer:
         }
         if self._mfu_inputs and record["tokens_per_sec"]:
             record["mfu"] = mfu(record["tokens_per_sec"], *self._mfu_inputs, self.env.world_size)
-        result.losses[step] = loss
+        if self.skip_nonfinite:
+            record["nonfinite_skips"] = self.nonfinite_skips
+        if loss is not None:
+            result.losses[step] = loss
         self.logger.log(record)
+        self._check_logged(record, last_step)
         return True
+
+    def _check_logged(self, record: dict[str, Any], last_step: int) -> None:
+        """The logged loss is reduced over ranks, so every rank takes the same decision."""
+        step, loss = record["step"], record["loss"]
+        if loss is not None and not math.isfinite(loss):
+            raise NonFiniteError(
+                f"train.on_nonfinite={self.cfg.train.on_nonfinite}: the training loss is {loss} "
+                f"in steps {last_step + 1}..{step}; stopped without saving it; " + self._last_good()
+            )
+        scale = record.get("loss_scale")
+        if scale is not None and scale < self.cfg.precision.warn_loss_scale:
+            if not self._warned_scale:
+                self.logger.print(
+                    f"warning: the fp16 loss scale fell to {scale:.3g} at step {step} (below "
+                    f"precision.warn_loss_scale={self.cfg.precision.warn_loss_scale:g}): "
+                    f"gradients overflow even unscaled and {record.get('skipped_steps')} steps "
+                    "were skipped; lower optim.lr or use precision.dtype=bf16"
+                )
+            self._warned_scale = True
 
     def maybe_evaluate(self, result: FitResult) -> None:
         every, step = self.cfg.train.eval_every, self.state.step
@@ -176,10 +253,10 @@ class Trainer:
         self.checkpointer.poll()
         if not ckpt.enabled:
             return
-        if step == self.cfg.train.max_steps:
-            self.checkpointer.save(self.state, blocking=True)
-        elif ckpt.every_steps and step % ckpt.every_steps == 0:
-            self.checkpointer.save(self.state, blocking=False)
+        final = step == self.cfg.train.max_steps
+        if final or (ckpt.every_steps and step % ckpt.every_steps == 0):
+            self._check_finite_before_save()
+            self.checkpointer.save(self.state, blocking=final)
 
     def fit(self) -> FitResult:
         result = FitResult()
@@ -240,11 +317,51 @@ class Trainer:
         return text
 
 
+def with_schedule_horizon(cfg: RunConfig, saved: dict[str, Any] | None) -> RunConfig:
+    """The config with optim.decay_steps resolved: as set, else the checkpoint's horizon (a
+    resume never re-stretches the schedule), else this run's max_steps. The resolved value is
+    what config.yaml and every manifest record."""
+    if cfg.optim.decay_steps:
+        horizon = cfg.optim.decay_steps
+    elif saved is not None:
+        optim, train = saved["config"]["optim"], saved["config"]["train"]
+        horizon = decay_horizon_from(optim, train)
+    else:
+        horizon = decay_horizon(cfg.optim, cfg.train.max_steps)
+    return replace(cfg, optim=replace(cfg.optim, decay_steps=horizon))
+
+
+def decay_horizon_from(optim: dict[str, Any], train: dict[str, Any]) -> int:
+    """A manifest's horizon (manifests written before decay_steps existed used max_steps)."""
+    return int(optim.get("decay_steps") or train["max_steps"])
+
+
+def resume_notes(cfg: RunConfig, saved: dict[str, Any]) -> list[str]:
+    """One line for each setting that a resume continues differently than a user may expect."""
+    notes = []
+    if cfg.optim.schedule == "cosine" and cfg.optim.decay_steps < cfg.train.max_steps:
+        notes.append(
+            f"lr schedule: the cosine keeps its horizon of {cfg.optim.decay_steps} steps "
+            f"(train.max_steps is now {cfg.train.max_steps}): steps after it run at "
+            f"optim.min_lr={cfg.optim.min_lr:g}; set optim.decay_steps to choose another"
+        )
+    before = saved["config"]["precision"]["dtype"]
+    if before != cfg.precision.dtype:
+        notes.append(
+            f"precision.dtype: {before} -> {cfg.precision.dtype}"
+            + ("; fp16 starts a fresh loss scaler" if cfg.precision.dtype == "fp16" else "")
+        )
+    return notes
+
+
 def build_trainer(cfg: RunConfig, env: DistEnv) -> Trainer:
-    """Data, model (same init on every rank), optimizer, logger; writes the resolved config."""
+    """Data, model (same init on every rank), optimizer, logger; writes the resolved config.
+    The caller owns the run directory (see `dist_train.rundir`)."""
     accumulation_steps(cfg, env.world_size)  # fail on a bad batch split before touching anything
     data = build_data(cfg)
     resume_from = resolve_resume(cfg)
+    saved = read_manifest(resume_from) if resume_from is not None else None
+    cfg = with_schedule_horizon(cfg, saved)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data.spec)
     init_model(model, None if resume_from else cfg.model.init_from, list(cfg.model.freeze))
@@ -262,15 +379,19 @@ def build_trainer(cfg: RunConfig, env: DistEnv) -> Trainer:
     state = TrainState()
     if resume_from is not None:  # before anything is written: a bad checkpoint touches nothing
         checkpointer.load(resume_from, state)
-    run_dir = Path(cfg.train.run_dir)
+    run_dir, moved = Path(cfg.train.run_dir), 0
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(
-        run_dir if env.is_main else None,
-        cfg.log,
-        cfg.train.max_steps,
-        append=resume_from is not None,
-    )
-    if resume_from is not None:
+        # One lineage: records past the resumed step belong to the attempt that was cut short.
+        moved = trim_metrics(run_dir, state.step)
+    logger = MetricsLogger(run_dir if env.is_main else None, cfg.log, cfg.train.max_steps)
+    if env.is_main and moved:
+        logger.print(
+            f"metrics.jsonl: moved {moved} record(s) after step {state.step} (from the "
+            "interrupted attempt) to metrics.discarded.jsonl"
+        )
+    if resume_from is not None and saved is not None:
         logger.print(f"resumed from {resume_from} at step {state.step}")
+        for note in resume_notes(cfg, saved):
+            logger.print(f"note: {note}")
     return Trainer(cfg, env, data, model, optimizer, precision, checkpointer, state, logger)

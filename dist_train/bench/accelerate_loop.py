@@ -27,7 +27,7 @@ from dist_train.data import Data
 from dist_train.env import DistEnv
 from dist_train.errors import ConfigError
 from dist_train.models import build_model
-from dist_train.optim import lr_at
+from dist_train.optim import decay_horizon, lr_at
 from dist_train.plan import device_kind
 
 ACCELERATE = "accelerate"
@@ -77,7 +77,7 @@ class AccelerateLoop:
     def run(self, steps: int) -> None:
         acc, model, opt, cfg = self.accelerator, self.model, self.optimizer, self.cfg
         for _ in range(steps):
-            lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
+            lr = lr_at(self.step, cfg.optim, decay_horizon(cfg.optim, cfg.train.max_steps))
             for group in opt.param_groups:
                 group["lr"] = lr
             chunks = self.batches[self.step].split(self.micro)

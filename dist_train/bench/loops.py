@@ -20,7 +20,7 @@ from dist_train.data import Data, GlobalBatchSampler
 from dist_train.env import DistEnv
 from dist_train.errors import ConfigError
 from dist_train.models import build_model
-from dist_train.optim import lr_at
+from dist_train.optim import decay_horizon, lr_at
 from dist_train.parallel import resolve_strategy, unwrap
 from dist_train.precision import DTYPES
 from dist_train.trainer import Trainer, build_trainer
@@ -146,7 +146,9 @@ class RawLoop:
     def run(self, steps: int) -> None:
         cfg, model, opt, scaler = self.cfg, self.model, self.optimizer, self.scaler
         for _ in range(steps):
-            lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)  # the same numbers, by hand
+            lr = lr_at(
+                self.step, cfg.optim, decay_horizon(cfg.optim, cfg.train.max_steps)
+            )  # the same numbers, by hand
             for group in opt.param_groups:
                 group["lr"] = lr
             chunks = self.batches[self.step].split(self.micro)

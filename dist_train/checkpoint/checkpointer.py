@@ -12,7 +12,7 @@ import os
 import random
 import shutil
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +39,16 @@ from dist_train.checkpoint.files import (
     check_files,
     check_shapes,
     complete_checkpoints,
+    corrupted,
+    damaged_files,
     fsync_dir,
-    has_optimizer_state,
     manifest_for,
     read_manifest,
+    read_tensor_metadata,
     single_process_quiet,
+    step_of,
 )
+from dist_train.checkpoint.integrity import HashingWriter, collect_digests
 from dist_train.checkpoint.reader import ThreadedFileSystemReader
 from dist_train.config import RunConfig
 from dist_train.env import DistEnv
@@ -172,7 +176,10 @@ class Checkpointer:
         if blocking or not self.cfg.checkpoint.async_save:
             with single_process_quiet():
                 dcp.save(
-                    self._state(self._saves_optimizer()), checkpoint_id=tmp, **self._dcp_kwargs()
+                    self._state(self._saves_optimizer()),
+                    checkpoint_id=tmp,
+                    storage_writer=HashingWriter(tmp),
+                    **self._dcp_kwargs(),
                 )
             self._commit(state, tmp)
         else:
@@ -180,6 +187,7 @@ class Checkpointer:
                 future = dcp.async_save(
                     self._state(self._saves_optimizer()),
                     checkpoint_id=tmp,
+                    storage_writer=HashingWriter(tmp),
                     async_stager=self._stager,
                     **self._dcp_kwargs(background=True),
                 )
@@ -203,7 +211,8 @@ class Checkpointer:
         DCP returns on rank 0 only after every rank's shards and the metadata are written."""
         if not self.env.is_main:
             return
-        manifest = manifest_for(self.cfg, self.env, saved.step, saved.samples_seen, tmp)
+        digests = collect_digests(tmp)
+        manifest = manifest_for(self.cfg, self.env, saved.step, saved.samples_seen, tmp, digests)
         path = tmp / MANIFEST
         path.write_text(json.dumps(manifest, indent=1))
         with open(path, "rb") as f:
@@ -213,15 +222,23 @@ class Checkpointer:
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
-        for old in complete_checkpoints(self.root)[: -self.cfg.checkpoint.keep_last]:
+        # Retention looks only below the step just committed: a folder with a higher number is
+        # not this lineage's past (with one owner per run directory there is none) and a
+        # newer-looking leftover must never push out the checkpoint that was just written.
+        older = [p for p in complete_checkpoints(self.root) if step_of(p) < saved.step]
+        for old in older[: max(0, len(older) - (self.cfg.checkpoint.keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path, state: TrainState) -> None:
         """Restore everything from a complete checkpoint, checked before any collective."""
         manifest = read_manifest(path)
         check_compatible(self.cfg, manifest, path)
-        check_files(manifest, path)
-        current = self._state(with_optimizer=has_optimizer_state(path))
+        check_files(manifest, path, checksums=False)  # sizes now; the bytes while DCP reads
+        verify = self._verify_in_background(manifest, path)
+        saved_keys = read_tensor_metadata(path)
+        current = self._state(with_optimizer=any(k.startswith("optim.") for k in saved_keys))
+        if not any(k.startswith("precision.") for k in saved_keys):
+            current.pop("precision")  # saved without a loss scaler: fp16 now starts a fresh one
         check_shapes(current, path)
         try:
             with single_process_quiet():
@@ -232,16 +249,37 @@ class Checkpointer:
             raise ConfigError(
                 "resume", str(path), f"cannot read checkpoint ({_first_line(e)})"
             ) from None
+        self._check_verified(verify.result(), path)
         if not _loaded_in_place(current["model"], self.model):
             set_model_state_dict(self.model, current["model"])
         if "optim" in current:
             set_optimizer_state_dict(self.model, self.optimizer, current["optim"])
-        self.precision.load_state_dict(current["precision"])
+        self.precision.load_state_dict(current.get("precision", {}))
         state.step, state.samples_seen = manifest["step"], manifest["samples_seen"]
         # RNG streams are per rank; with another world size they cannot map one to one (the data
         # order does not depend on them: the sampler is a pure function of seed and step).
         if manifest["world_size"] == self.env.world_size:
             set_rng_state(torch.load(path / "rng" / f"rank_{self.env.rank}.pt", weights_only=False))
+
+    def _verify_in_background(self, manifest: dict[str, Any], path: Path) -> Future[list[str]]:
+        """Checksums of this rank's share of the files (every N-th), computed on a thread while
+        DCP reads the same pages: the check costs little more than the hashing itself."""
+        names = sorted(manifest["files"])[self.env.rank :: self.env.world_size]
+        pool = ThreadPoolExecutor(1)
+        future = pool.submit(damaged_files, manifest, path, names)
+        pool.shutdown(wait=False)  # the thread ends when the check does; nothing waits here
+        return future
+
+    def _check_verified(self, bad: list[str], path: Path) -> None:
+        """Every rank learns of every rank's damaged files, so all of them stop together."""
+        if self.env.is_distributed:
+            gathered: list[list[str]] = [[] for _ in range(self.env.world_size)]
+            dist.all_gather_object(gathered, bad)
+            bad = [name for part in gathered for name in part]
+        if bad:
+            error = corrupted("resume", path, bad)
+            error.on_every_rank = True  # type: ignore[attr-defined]  # rank 0 prints it
+            raise error
 
     def _barrier(self) -> None:
         if self.env.is_distributed:

@@ -17,7 +17,12 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from dist_train.checkpoint.files import find_checkpoint, single_process_quiet
+from dist_train.checkpoint.files import (
+    check_files,
+    find_checkpoint,
+    read_manifest,
+    single_process_quiet,
+)
 from dist_train.errors import ConfigError
 
 
@@ -28,6 +33,7 @@ def load_model_weights(source: str, key: str) -> dict[str, torch.Tensor]:
             raise ConfigError(key, source, "file not found")
         return load_file(source)
     path = find_checkpoint(source, key)
+    check_files(read_manifest(path), path, key)  # sizes and checksums before DCP reads a byte
     metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     weights = {
         name[len("model.") :]: torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -46,6 +52,8 @@ def export(source: str, out: str) -> Path:
     """Write the model's weights as one safetensors file that `load_state_dict` accepts."""
     target = Path(out)
     folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise ConfigError("--out", out, "is a directory; give a file name, e.g. model.safetensors")
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise ConfigError("--out", out, f"directory {folder} does not exist or is not writable")
     weights = load_model_weights(source, "checkpoint")

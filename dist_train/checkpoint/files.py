@@ -9,12 +9,13 @@ import os
 import platform
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
 import dist_train
 from dist_train.config import RunConfig
@@ -22,6 +23,7 @@ from dist_train.env import DistEnv
 from dist_train.errors import ConfigError
 from dist_train.parallel import resolve_strategy
 
+CHUNK = 8 << 20  # read size for checksums
 MANIFEST = "manifest.json"
 QUIET_MESSAGE = "torch.distributed is disabled"  # DCP's warning when told no_dist=True
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -53,12 +55,16 @@ def is_complete(path: Path) -> bool:
     )
 
 
+def step_of(path: Path) -> int:
+    match = STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete step folders under `root`, oldest first; `.tmp_*` leftovers never count."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if is_complete(p)]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted((p for p in root.iterdir() if is_complete(p)), key=step_of)
 
 
 def resolve_resume(cfg: RunConfig) -> Path | None:
@@ -66,9 +72,33 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
     if cfg.resume == "none":
         return None
     if cfg.resume == "auto":
-        found = complete_checkpoints(Path(cfg.train.run_dir) / "checkpoints")
-        return found[-1] if found else None
+        root = Path(cfg.train.run_dir) / "checkpoints"
+        found = complete_checkpoints(root)
+        newest = found[-1] if found else None
+        check_no_damaged_newer(root, newest)
+        return newest
     return find_checkpoint(cfg.resume, "resume")
+
+
+def check_no_damaged_newer(root: Path, newest: Path | None) -> None:
+    """A `step_N` folder exists only once complete (atomic rename), so one without DCP's
+    .metadata or our manifest that is newer than the newest complete one was damaged after the
+    fact: say so instead of silently resuming from an older step."""
+    if not root.is_dir():
+        return
+    damaged = [
+        p
+        for p in root.iterdir()
+        if STEP_DIR.match(p.name) and not is_complete(p) and step_of(p) > step_of(newest or root)
+    ]
+    if damaged:
+        use = f"resume={newest} uses the newest complete one" if newest else "none is complete"
+        raise ConfigError(
+            "resume",
+            "auto",
+            f"{max(damaged, key=step_of)} is damaged (its .metadata or manifest.json is "
+            f"missing); {use}, or move the damaged folder away",
+        )
 
 
 def find_checkpoint(value: str, key: str) -> Path:
@@ -105,7 +135,12 @@ def invariant_settings(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
 
 
 def manifest_for(
-    cfg: RunConfig, env: DistEnv, step: int, samples_seen: int, folder: Path
+    cfg: RunConfig,
+    env: DistEnv,
+    step: int,
+    samples_seen: int,
+    folder: Path,
+    checksums: dict[str, str],
 ) -> dict[str, Any]:
     invariant = invariant_settings(cfg)
     files = {
@@ -128,6 +163,7 @@ def manifest_for(
         ],
         "config": dataclasses.asdict(cfg),
         "files": files,
+        "checksums": checksums,  # XXH3-64 per file (integrity.collect_digests)
     }
 
 
@@ -150,21 +186,42 @@ def check_compatible(cfg: RunConfig, manifest: dict[str, Any], path: Path) -> No
             "resume",
             str(path),
             "these settings differ from the checkpoint's and cannot change on "
-            f"resume: {', '.join(diff)} (use resume=none or a new train.run_dir)",
+            f"resume: {', '.join(diff)} (use a new train.run_dir, or train.overwrite=true to start over here)",
         )
 
 
-def check_files(manifest: dict[str, Any], path: Path) -> None:
-    """Every shard present with the size it was written with (truncation, lost files)."""
-    for name, size in manifest["files"].items():
-        file = path / name
-        actual = file.stat().st_size if file.is_file() else None
-        if actual != size:
-            raise ConfigError(
-                "resume",
-                str(path),
-                f"corrupted checkpoint: {name} has {actual} bytes, expected {size}",
-            )
+def check_files(
+    manifest: dict[str, Any], path: Path, key: str = "resume", checksums: bool = True
+) -> None:
+    """Every file present with the size it was written with (truncation, lost files) and, with
+    `checksums`, the same bytes (silent corruption): else one line naming the file and, where
+    there is one, the newest older checkpoint that is intact."""
+    bad = damaged_files(manifest, path) if checksums else size_mismatches(manifest, path)
+    if bad:
+        raise corrupted(key, path, bad)
+
+
+def size_mismatches(manifest: dict[str, Any], path: Path) -> list[str]:
+    return damaged_files({"files": manifest["files"]}, path)  # without checksums: sizes only
+
+
+def corrupted(key: str, path: Path, bad: Sequence[str]) -> ConfigError:
+    more = f" and {len(bad) - 1} more file(s)" if len(bad) > 1 else ""
+    return ConfigError(key, str(path), f"corrupted checkpoint: {bad[0]}{more}; {intact_hint(path)}")
+
+
+def intact_hint(path: Path) -> str:
+    """Which older complete checkpoint would serve instead (each checked in full, newest first:
+    this runs only once something is already wrong)."""
+    for older in reversed(
+        [p for p in complete_checkpoints(path.parent) if step_of(p) < step_of(path)]
+    ):
+        try:
+            if not damaged_files(read_manifest(older), older):
+                return f"the newest intact one is {older} (resume={older} uses it)"
+        except ConfigError:
+            continue
+    return "no older checkpoint here is intact"
 
 
 def read_tensor_metadata(path: Path) -> dict[str, Any]:
@@ -175,10 +232,6 @@ def read_tensor_metadata(path: Path) -> dict[str, Any]:
         return FileSystemReader(str(path)).read_metadata().state_dict_metadata
     except Exception as e:
         raise ConfigError("resume", str(path), f"unreadable checkpoint metadata ({e})") from None
-
-
-def has_optimizer_state(path: Path) -> bool:
-    return any(key.startswith("optim.") for key in read_tensor_metadata(path))
 
 
 def check_shapes(state: dict[str, Any], path: Path) -> None:
@@ -217,3 +270,31 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_digest(path: Path) -> str:
+    """XXH3-64 of a whole file, read in chunks into one reused buffer."""
+    h = xxhash.xxh3_64()
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def damaged_files(
+    manifest: dict[str, Any], folder: Path, names: Sequence[str] | None = None
+) -> list[str]:
+    """Files of `folder` that are missing, of the wrong size, or fail their checksum; `names`
+    limits the check (None: all). Manifests from before checksums were kept are checked by size."""
+    sizes, sums = manifest["files"], manifest.get("checksums", {})
+    bad = []
+    for name in sizes if names is None else names:
+        path = folder / name
+        size = path.stat().st_size if path.is_file() else None
+        if size != sizes[name]:
+            bad.append(f"{name} ({size} bytes, expected {sizes[name]})")
+        elif name in sums and file_digest(path) != sums[name]:
+            bad.append(f"{name} (checksum mismatch)")
+    return bad
