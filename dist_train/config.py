@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dist_train.errors import ConfigError
+from dist_train.yaml_io import (
+    ALIASES,
+    aliased,
+    as_config_error,
+    check_sections,
+    parse_overrides,
+    read_yaml,
+    resolve_config_path,
+)
 
 MODEL_NAMES = ("gpt", "mlp", "cnn")
 DATA_NAMES = ("text", "tokens", "synthetic")
@@ -183,79 +192,24 @@ POSITIVE = (
 )
 
 
-def shipped_configs_dir() -> Path:
-    """The example configs: inside the package when installed from a wheel, else the checkout's."""
-    package = Path(__file__).resolve().parent
-    installed = package / "configs"
-    return installed if installed.is_dir() else package.parent / "configs"
-
-
-def resolve_config_path(path: str | Path) -> Path:
-    """A YAML file as given, or else a shipped config named `configs/NAME.yaml`, `NAME.yaml` or
-    `NAME`, so that the README's commands work from any directory after a `pip install`."""
-    given = Path(path)
-    if given.is_file():
-        return given
-    shipped = shipped_configs_dir()
-    if given.parent in (Path("."), Path("configs")):
-        candidate = shipped / (given.name if given.suffix else f"{given.name}.yaml")
-        if candidate.is_file():
-            return candidate
-    names = ", ".join(sorted(p.stem for p in shipped.glob("*.yaml")))
-    reason = "is a directory" if given.is_dir() else "file not found"
-    raise ConfigError(
-        "config", str(path), f"{reason}; expected a YAML file or a shipped config ({names})"
-    )
-
-
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults < YAML < overrides, validated; raises ConfigError naming the key."""
     merged = OmegaConf.structured(RunConfig)
     try:
         if path is not None:
             path = resolve_config_path(path)
-            merged = OmegaConf.merge(merged, _aliased(OmegaConf.load(path)))
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError("override", item, "expected key=value")
-        dotlist = [
-            ALIASES.get(o.split("=", 1)[0], o.split("=", 1)[0]) + "=" + o.split("=", 1)[1]
-            for o in overrides
-        ]
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
+            node = read_yaml(path)
+            check_sections(node, RunConfig(), str(path))
+            merged = OmegaConf.merge(merged, aliased(node))
+        given = parse_overrides(overrides, RunConfig(), ALIASES)
+        check_sections(given, RunConfig(), "the overrides")
+        merged = OmegaConf.merge(merged, given)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise _as_config_error(e, overrides) from None
+        raise as_config_error(e, overrides, RunConfig()) from None
     assert isinstance(cfg, RunConfig)
     validate(cfg)
     return cfg
-
-
-# `async` is a Python keyword, so the field is async_save; users may write either.
-ALIASES = {"checkpoint.async": "checkpoint.async_save"}
-
-
-def _aliased(node: Any) -> Any:
-    for alias, key in ALIASES.items():
-        section, _, name = alias.partition(".")
-        sub = node.get(section) if isinstance(node, DictConfig) else None
-        if isinstance(sub, DictConfig) and name in sub:
-            sub[key.partition(".")[2]] = sub.pop(name)
-    return node
-
-
-def _as_config_error(e: OmegaConfBaseException, overrides: Sequence[str]) -> ConfigError:
-    key = getattr(e, "full_key", None) or "config"
-    given = dict(o.split("=", 1) for o in overrides if "=" in o)
-    value = getattr(e, "value", None) if getattr(e, "value", None) is not None else given.get(key)
-    if isinstance(e, ConfigKeyError):
-        section, _, _ = key.rpartition(".")
-        node: Any = RunConfig()
-        for part in filter(None, section.split(".")):
-            node = getattr(node, part, None)
-        valid = ", ".join(f.name for f in fields(node)) if is_dataclass(node) else ""
-        return ConfigError(key, value, "unknown key" + (f" (valid: {valid})" if valid else ""))
-    return ConfigError(key, value, str(e).splitlines()[0])
 
 
 def get_key(cfg: RunConfig, dotted: str) -> Any:
@@ -328,6 +282,20 @@ def resolve_target(target: str, key: str) -> Any:
     if not hasattr(module, attr):
         raise ConfigError(key, target, f"module '{module_name}' has no attribute '{attr}'")
     return getattr(module, attr)
+
+
+def call_target(target: str, key: str, **kwargs: Any) -> Any:
+    """Build a user's `_target_` class; whatever its constructor raises becomes one line that
+    names the key, the call and the user's own message (their code, their input)."""
+    cls = resolve_target(target, key)
+    try:
+        return cls(**kwargs)
+    except Exception as e:
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(
+            key, target, f"{cls.__name__}({args}) raised {type(e).__name__}: {detail}"
+        ) from None
 
 
 def micro_batch_size(cfg: RunConfig, world_size: int) -> int:

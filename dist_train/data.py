@@ -8,6 +8,7 @@ run sees is the same for any number of workers (and for any resume point).
 from __future__ import annotations
 
 import glob
+import inspect
 import os
 import pickle
 import sysconfig
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from dist_train.config import RunConfig, resolve_target
+from dist_train.config import RunConfig, call_target, resolve_target
 from dist_train.errors import ConfigError
 
 
@@ -136,7 +137,8 @@ def _char_data(cfg: RunConfig) -> Data:
     if cfg.data.path:
         path = Path(cfg.data.path)
         if not path.is_file():
-            raise ConfigError("data.path", cfg.data.path, "file not found")
+            what = "is a directory" if path.is_dir() else "file not found"
+            raise ConfigError("data.path", cfg.data.path, f"{what}; expected a UTF-8 text file")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -169,18 +171,37 @@ def _token_data(cfg: RunConfig) -> Data:
     """nanoGPT's prepared format: train.bin / val.bin of uint16 ids, optional meta.pkl."""
     root = Path(cfg.data.path or "")
     if not cfg.data.path or not (root / "train.bin").is_file():
-        raise ConfigError("data.path", cfg.data.path, "expected a directory holding train.bin")
-    train = np.memmap(root / "train.bin", dtype=np.uint16, mode="r")
-    val = (
-        np.memmap(root / "val.bin", dtype=np.uint16, mode="r")
-        if (root / "val.bin").is_file()
-        else None
-    )
+        raise ConfigError(
+            "data.path",
+            cfg.data.path,
+            "expected a directory holding train.bin (and val.bin, "
+            "meta.pkl), as nanoGPT's prepare.py writes them",
+        )
+    train = _token_file(root / "train.bin")
+    val = _token_file(root / "val.bin") if (root / "val.bin").is_file() else None
     meta: dict[str, Any] = {}
     if (root / "meta.pkl").is_file():
-        with open(root / "meta.pkl", "rb") as f:
-            meta = pickle.load(f)  # the user's own prepared file, as nanoGPT writes it
-    vocab_size = cfg.data.vocab_size or int(meta.get("vocab_size", 0)) or int(train.max()) + 1
+        try:
+            with open(root / "meta.pkl", "rb") as f:
+                meta = pickle.load(f)  # the user's own prepared file, as nanoGPT writes it
+        except Exception as e:
+            raise ConfigError(
+                "data.path",
+                str(root / "meta.pkl"),
+                f"not a readable pickle ({type(e).__name__}: {e})",
+            ) from None
+    # The largest id decides the embedding a model needs: checked here, not at the first
+    # forward pass inside the workers (one pass over the memory-mapped tokens).
+    top = max(int(t.max()) for t in (train, val) if t is not None and len(t))
+    vocab_size = cfg.data.vocab_size or int(meta.get("vocab_size", 0)) or top + 1
+    if top >= vocab_size:
+        key = "data.vocab_size" if cfg.data.vocab_size else "data.path"
+        raise ConfigError(
+            key,
+            cfg.data.vocab_size or cfg.data.path,
+            f"the tokens hold id {top}, "
+            f"so the vocabulary needs at least {top + 1} entries, not {vocab_size}",
+        )
     decode = None
     if "itos" in meta:
         itos = meta["itos"]
@@ -197,6 +218,18 @@ def _token_data(cfg: RunConfig) -> Data:
         decode=decode,
     )
     return _split_windows(cfg, train, val, spec, "data.path")
+
+
+def _token_file(path: Path) -> np.ndarray:
+    size = path.stat().st_size
+    if size == 0 or size % 2:
+        raise ConfigError(
+            "data.path",
+            str(path),
+            f"{size} bytes: expected a non-empty file of "
+            "uint16 token ids (an even number of bytes)",
+        )
+    return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 def _split_windows(
@@ -242,10 +275,20 @@ def _synthetic_data(cfg: RunConfig) -> Data:
 def _user_data(cfg: RunConfig) -> Data:
     """`data._target_`: called as Class(split="train"|"val", **kwargs); may return a map-style
     dataset of (input, target) or an object with get_batch. Its `task` attribute picks the loss."""
-    cls = resolve_target(cfg.data._target_ or "", "data._target_")
+    target = cfg.data._target_ or ""
+    cls = resolve_target(target, "data._target_")
+    try:
+        inspect.signature(cls).bind_partial(split="train", **cfg.data.kwargs)
+    except TypeError as e:
+        raise ConfigError(
+            "data._target_",
+            target,
+            f"must accept split='train' | 'val' and "
+            f"data.kwargs ({e}); its signature is {inspect.signature(cls)}",
+        ) from None
 
     def make(split: str) -> BatchDataset:
-        ds = cls(split=split, **cfg.data.kwargs)
+        ds = call_target(target, "data._target_", split=split, **cfg.data.kwargs)
         return ds if hasattr(ds, "get_batch") else MapDatasetAdapter(ds)
 
     train, val = make("train"), make("val")

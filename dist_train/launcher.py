@@ -52,8 +52,19 @@ def check_launch(launch: LaunchConfig, device: str) -> None:
         raise ConfigError("--nnodes", launch.nnodes, "must be >= 1")
     if launch.nnodes > 1 and not launch.rdzv_endpoint:
         raise ConfigError("--rdzv-endpoint", None, "required with --nnodes > 1 (host:port)")
+    if launch.rdzv_endpoint is not None:
+        check_endpoint(launch.rdzv_endpoint)
     if not 0 <= launch.node_rank < launch.nnodes:
         raise ConfigError("--node-rank", launch.node_rank, f"expected 0..{launch.nnodes - 1}")
+
+
+def check_endpoint(endpoint: str) -> None:
+    """HOST:PORT with a port torchrun can use (an IPv6 host goes in brackets: [::1]:29400)."""
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(
+            "--rdzv-endpoint", endpoint, "expected HOST:PORT with a port 1-65535, e.g. node0:29400"
+        )
 
 
 def torchrun_argv(launch: LaunchConfig, worker_args: list[str], log_dir: Path) -> list[str]:

@@ -72,11 +72,12 @@ class MetricsLogger:
         run_dir: Path | None,
         cfg: LogConfig,
         max_steps: int,
-        stream: TextIO = sys.stdout,
+        stream: TextIO | None = None,
     ) -> None:
         """Appends to RUN_DIR/metrics.jsonl (trimmed to the resumed step by `trim_metrics`)."""
         self.enabled = run_dir is not None
-        self.stream, self.max_steps = stream, max_steps
+        # sys.stdout as it is now (not at import): redirections and test captures see it
+        self.stream, self.max_steps = stream or sys.stdout, max_steps
         self.fd: int | None = None
         self.path = run_dir / METRICS if run_dir is not None else None
         if self.path is not None:

@@ -75,6 +75,8 @@ class RunLock:
         return True
 
     def acquire(self, say: Callable[[str], None] = print) -> None:
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError("train.run_dir", str(self.run_dir), "is a file; expected a directory")
         self.created_dir = not self.run_dir.exists()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -187,6 +187,9 @@ def train_in_process(
         except StopTraining:
             trainer.close()
             return {"stopped_at": trainer.state.step}
+        except BaseException:
+            trainer.close()  # as the CLI does: DDP must go before its process group
+            raise
         model = unwrap(trainer.model)
         params = {
             k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()

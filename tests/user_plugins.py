@@ -47,3 +47,12 @@ class CrashOnRankOne(nn.Module):
         if os.environ.get("RANK") == "1" and self.calls > self.after:
             raise RuntimeError("simulated worker crash")
         return self.linear(x)
+
+
+class PoisonedLineDataset(LineDataset):
+    """LineDataset with one NaN input at index `bad`: a corrupted record in real data."""
+
+    def __init__(self, split: str, bad: int = 5, **kwargs: int) -> None:
+        super().__init__(split, **kwargs)
+        if split == "train":
+            self.x[bad, 0] = float("nan")

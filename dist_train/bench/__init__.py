@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dist_train.config import RunConfig, accumulation_steps, load_config, shipped_configs_dir
+from dist_train.config import RunConfig, accumulation_steps, load_config
 from dist_train.errors import ConfigError
 from dist_train.launcher import LaunchConfig, check_launch, threads_per_worker
+from dist_train.yaml_io import shipped_configs_dir
 
 if TYPE_CHECKING:  # the harness imports torch: only a benchmark that runs pays for it
     from dist_train.bench.harness import BenchArgs

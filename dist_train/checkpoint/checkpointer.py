@@ -52,7 +52,7 @@ from dist_train.checkpoint.integrity import HashingWriter, collect_digests
 from dist_train.checkpoint.reader import ThreadedFileSystemReader
 from dist_train.config import RunConfig
 from dist_train.env import DistEnv
-from dist_train.errors import ConfigError
+from dist_train.errors import ConfigError, DistTrainError
 from dist_train.precision import Precision
 
 
@@ -171,18 +171,21 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed attempt
             tmp.mkdir(parents=True)
         self._barrier()
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank_{self.env.rank}.pt")
         if blocking or not self.cfg.checkpoint.async_save:
-            with single_process_quiet():
-                dcp.save(
-                    self._state(self._saves_optimizer()),
-                    checkpoint_id=tmp,
-                    storage_writer=HashingWriter(tmp),
-                    **self._dcp_kwargs(),
-                )
-            self._commit(state, tmp)
+            try:
+                self._write_rng(tmp)
+                with single_process_quiet():
+                    dcp.save(
+                        self._state(self._saves_optimizer()),
+                        checkpoint_id=tmp,
+                        storage_writer=HashingWriter(tmp),
+                        **self._dcp_kwargs(),
+                    )
+                self._commit(state, tmp)
+            except (Exception, CheckpointException) as e:  # DCP raises it on every rank alike
+                raise self._failed(tmp, e) from None
         else:
+            self._write_rng(tmp)
             with single_process_quiet():
                 future = dcp.async_save(
                     self._state(self._saves_optimizer()),
@@ -203,8 +206,29 @@ class Checkpointer:
             return
         future, saved, tmp = self._pending
         self._pending = None
-        future.result()  # re-raises a failed write here, on the training thread
-        self._commit(saved, tmp)
+        try:
+            future.result()  # re-raises a failed write here, on the training thread
+            self._commit(saved, tmp)
+        except (Exception, CheckpointException) as e:
+            raise self._failed(tmp, e) from None
+
+    def _write_rng(self, tmp: Path) -> None:
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank_{self.env.rank}.pt")
+
+    def _failed(self, tmp: Path, error: BaseException) -> DistTrainError:
+        """A save that could not be written (a full disk, a vanished mount): the partial folder
+        goes, the previous checkpoint stays, and the reason is one line."""
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        found = complete_checkpoints(self.root)
+        kept = f"{found[-1]} is intact" if found else "there is no earlier checkpoint"
+        failure = DistTrainError(
+            f"checkpoint: cannot write {tmp}: {_first_line(error)}; the partial save was "
+            f"removed and {kept}"
+        )
+        failure.on_every_rank = True  # type: ignore[attr-defined]  # the same on all ranks
+        return failure
 
     def _commit(self, saved: TrainState, tmp: Path) -> None:
         """Rank 0 makes the checkpoint visible: manifest, fsync, one atomic rename, retention.

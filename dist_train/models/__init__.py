@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-from dist_train.config import ModelConfig, resolve_target
+from dist_train.config import ModelConfig, call_target
 from dist_train.data import DataSpec
 from dist_train.errors import ConfigError
 from dist_train.models.gpt import GPT
@@ -15,11 +15,7 @@ from dist_train.models.simple import CNN, MLP
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     if cfg._target_:
-        cls = resolve_target(cfg._target_, "model._target_")
-        try:
-            return cls(**cfg.kwargs)
-        except TypeError as e:
-            raise ConfigError("model.kwargs", dict(cfg.kwargs), str(e)) from None
+        return call_target(cfg._target_, "model._target_", **cfg.kwargs)
     if cfg.name == "gpt":
         if spec.task != "lm":
             raise ConfigError("model.name", cfg.name, f"needs token data, got a {spec.task} task")
