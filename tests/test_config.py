@@ -108,3 +108,19 @@ def test_model_that_does_not_fit_the_data() -> None:
     with pytest.raises(ConfigError) as err:
         build_model(cfg.model, build_data(load_config(None, ["data.name=synthetic"])).spec)
     assert err.value.key == "model.kwargs"
+
+
+def test_override_values_are_what_the_user_typed_for_strings() -> None:
+    cfg = load_config(
+        None,
+        [
+            "train.sample_prompt=ROMEO:",
+            "resume=a:b",
+            "data.path=null",
+            "model.kwargs={a: 1}",
+            "model.hidden_dims=[3,4]",
+        ],
+    )
+    assert cfg.train.sample_prompt == "ROMEO:" and cfg.resume == "a:b"  # YAML would make dicts
+    assert cfg.data.path is None and cfg.model.kwargs == {"a": 1}
+    assert cfg.model.hidden_dims == [3, 4]

@@ -322,3 +322,29 @@ def test_corrupted_shard_is_named_and_an_intact_older_one_offered(tmp_path: Path
     (step10 / ".metadata").unlink()
     with pytest.raises(ConfigError, match=r"step_0000010 is damaged .* newest complete one"):
         train_in_process([*run, "train.max_steps=12"])
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True
+    ).returncode:
+        pytest.skip("needs root and mount(8) for a small filesystem that fills up")
+    try:
+        proc = cli(
+            "train",
+            "configs/quickstart.yaml",
+            *RUN,
+            "model.n_embd=64",
+            "model.n_layer=2",
+            "checkpoint.every_steps=5",
+            f"train.run_dir={small / 'run'}",
+        )
+    finally:
+        listing = sorted(p.name for p in (small / "run/checkpoints").iterdir())
+        subprocess.run(["umount", str(small)], capture_output=True)
+    line = one_line(proc, "No space left on device")
+    assert line.startswith("error: checkpoint: cannot write") and "step_0000005 is intact" in line
+    assert listing == ["step_0000005"]  # the partial step_10 removed, the previous one kept

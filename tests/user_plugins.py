@@ -56,3 +56,18 @@ class PoisonedLineDataset(LineDataset):
         super().__init__(split, **kwargs)
         if split == "train":
             self.x[bad, 0] = float("nan")
+
+
+class Exploding(nn.Module):
+    """A user model whose constructor rejects its arguments."""
+
+    def __init__(self, width: int = 3) -> None:
+        super().__init__()
+        raise ValueError(f"width must be even, got {width}")
+
+
+class TorchvisionStyle(LineDataset):
+    """A dataset written the torchvision way: `train=True`, no `split=`."""
+
+    def __init__(self, train: bool = True) -> None:  # type: ignore[override]
+        super().__init__("train" if train else "val")

@@ -219,13 +219,22 @@ class Checkpointer:
     def _failed(self, tmp: Path, error: BaseException) -> DistTrainError:
         """A save that could not be written (a full disk, a vanished mount): the partial folder
         goes, the previous checkpoint stays, and the reason is one line."""
+        found = complete_checkpoints(self.root)
+        reason = _first_line(error)
+        # A full disk often surfaces as a short write inside torch.save's zip writer ("unexpected
+        # pos ..."): say what it is, measured before the partial save frees its space.
+        free = shutil.disk_usage(self.root).free
+        need = sum(p.stat().st_size for p in found[-1].rglob("*") if p.is_file()) if found else 0
+        if "No space left" in reason or free < max(need, 1 << 20):
+            reason = (
+                f"No space left on device ({free / 1e6:.1f} MB free on that filesystem; a "
+                f"checkpoint takes about {need / 1e6:.1f} MB)"
+            )
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        found = complete_checkpoints(self.root)
         kept = f"{found[-1]} is intact" if found else "there is no earlier checkpoint"
         failure = DistTrainError(
-            f"checkpoint: cannot write {tmp}: {_first_line(error)}; the partial save was "
-            f"removed and {kept}"
+            f"checkpoint: cannot write {tmp}: {reason}; the partial save was removed and {kept}"
         )
         failure.on_every_rank = True  # type: ignore[attr-defined]  # the same on all ranks
         return failure
