@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -27,6 +28,16 @@ if TYPE_CHECKING:
     from dist_train.launcher import LaunchConfig
 
 
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so a run leaves through its normal exit path (the run
+    directory's lock released, the process group destroyed) instead of dying where it stands.
+    A BaseException, so that no `except Exception` in user code swallows it."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
 def run_worker(cfg: RunConfig, owned: bool = False) -> int:
     """One worker's whole life: join the group, train, always leave the group. `owned`: the
     caller (this process, or the launcher of `--nproc N`) holds the run directory; under plain
@@ -34,6 +45,7 @@ def run_worker(cfg: RunConfig, owned: bool = False) -> int:
     from dist_train.env import dist_session, read_env
     from dist_train.trainer import build_trainer
 
+    signal.signal(signal.SIGTERM, _raise_terminated)
     env = read_env(cfg.train.device)
     owned = owned or OWNER_ENV in os.environ
     with (
@@ -224,4 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        code = 128 + signal.SIGTERM
     sys.exit(code)
