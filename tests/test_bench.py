@@ -389,6 +389,7 @@ CKPT_ROWS = [
     "memcopy (clone)",
     "memcopy (into buffer)",
     "dcp load",
+    "checksum verify (after a load)",
     "torch.load",
     "torch.load+load_state_dict",
     "raw read",

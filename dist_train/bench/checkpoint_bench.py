@@ -33,7 +33,7 @@ from dist_train.bench.loops import FrameworkLoop
 from dist_train.bench.report import BenchReport, Column, machine_info
 from dist_train.bench.stats import median, ratio_summary, round_medians, summarize
 from dist_train.checkpoint.checkpointer import Checkpointer, TrainState
-from dist_train.checkpoint.files import complete_checkpoints
+from dist_train.checkpoint.files import complete_checkpoints, damaged_files, read_manifest
 from dist_train.config import RunConfig
 from dist_train.env import DistEnv
 from dist_train.errors import ConfigError
@@ -49,6 +49,8 @@ RAW_W, RAW_INPLACE, TSAVE = (
 )
 CLONE, COPY = "memcopy (clone)", "memcopy (into buffer)"
 DLOAD, TLOAD, TLOAD_SD, RAW_R = ("dcp load", "torch.load", "torch.load+load_state_dict", "raw read")
+# What a resume adds after the load, beside the first training steps (pages already cached).
+VERIFY = "checksum verify (after a load)"
 SLOW_SYNC, SLOW_ASYNC, TRAIN, TRAIN_BG = (
     "slow dcp save (sync)",
     "slow dcp async save",
@@ -129,6 +131,11 @@ def _io_phase(
         latest[:] = [complete_checkpoints(ckpt.root)[-1]]
         evict([p for p in latest[0].rglob("*") if p.is_file()])
 
+    def load_first() -> None:  # the state a resume verifies in: just loaded, pages cached
+        before_load()
+        ckpt.load(latest[0], TrainState())
+        ckpt.check_verified()
+
     # Something to read before any round, whatever the order and even with --warmup 0.
     ckpt.save(TrainState(step=next(steps)), blocking=True)
     files.raw_write()
@@ -142,7 +149,14 @@ def _io_phase(
             TSAVE: Op(files.torch_save),
             CLONE: Op(files.clone, finish=files.release),
             COPY: Op(files.copy_into_buffer),
-            DLOAD: Op(lambda: ckpt.load(latest[0], TrainState()), prepare=before_load),
+            DLOAD: Op(
+                lambda: ckpt.load(latest[0], TrainState()),
+                prepare=before_load,
+                finish=_verified(ckpt),
+            ),
+            VERIFY: Op(
+                lambda: damaged_files(read_manifest(latest[0]), latest[0]), prepare=load_first
+            ),
             TLOAD: Op(
                 files.torch_load, prepare=lambda: evict(files.all_files("pt")), finish=files.release
             ),
@@ -156,6 +170,13 @@ def _io_phase(
         args,
         env,
     )
+
+
+def _verified(ckpt: Checkpointer) -> Any:
+    def finish() -> None:
+        ckpt.check_verified()  # untimed: the training steps after a resume overlap it
+
+    return finish
 
 
 def _slow_phases(
@@ -290,7 +311,7 @@ def _rows(
     ]
     rows += [
         _row(name, times[name], size)
-        for name in (RAW_W, RAW_INPLACE, TSAVE, CLONE, COPY, DLOAD, TLOAD, TLOAD_SD, RAW_R)
+        for name in (RAW_W, RAW_INPLACE, TSAVE, CLONE, COPY, DLOAD, VERIFY, TLOAD, TLOAD_SD, RAW_R)
     ]
     rows += [
         _row(SLOW_SYNC, times[SLOW_SYNC], slow),
@@ -321,6 +342,9 @@ def _ratios(times: dict[str, list[list[float]]], inner: dict[str, Any]) -> dict[
     # The slower of two noisy baselines per round leans slow (in DCP's favour): torch.save alone.
     ratios["sync save GB/s / torch.save (new file) GB/s"] = ratio_summary(m[TSAVE], m[SYNC])
     ratios["dcp load GB/s / torch.load (alone) GB/s"] = ratio_summary(m[TLOAD], m[DLOAD])
+    # The checksums' cost: hashing during a save is inside the sync save's time; after a load
+    # the verification runs beside the first training steps (its own row and this ratio).
+    ratios["checksum verify after a load / dcp load time"] = ratio_summary(m[VERIFY], m[DLOAD])
     return ratios
 
 
