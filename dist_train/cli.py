@@ -114,35 +114,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     lc = _launch_config(args)
     check_launch(lc, device_kind(cfg))
     run_dir = Path(cfg.train.run_dir)
-    if lc.world_size == 1:
-        fresh = _fresh_start(cfg)
-        with owned_run_dir(run_dir):
-            prepare(run_dir, fresh, cfg.train.overwrite, print)
+    # The single process, or the launcher of node 0, owns the run directory for the whole run
+    # (restarts included) from before it reads it; workers and other nodes are told so.
+    with owned_run_dir(run_dir) if lc.node_rank == 0 else nullcontext():
+        if lc.world_size == 1:
+            prepare(run_dir, _fresh_start(cfg), cfg.train.overwrite, print)
             return run_worker(cfg, owned=True)
-    plan = build_plan(cfg, lc.world_size)  # every config error surfaces here, once
-    if plan.resume_step >= cfg.train.max_steps:
+        plan = build_plan(cfg, lc.world_size)  # every config error surfaces here, once
+        if plan.resume_step >= cfg.train.max_steps:
+            print(
+                f"done already: {plan.resume_from} is at step {plan.resume_step} "
+                f"(train.max_steps={cfg.train.max_steps}); raise train.max_steps to train further"
+            )
+            return 0
         print(
-            f"done already: {plan.resume_from} is at step {plan.resume_step} "
-            f"(train.max_steps={cfg.train.max_steps}); raise train.max_steps to train further"
+            f"dist-train: {lc.nproc} workers x {lc.nnodes} node(s), {plan.backend} on "
+            f"{plan.device}, global batch {plan.global_batch_size} = {plan.micro_batch_size} x "
+            f"{plan.accumulation_steps} accumulation x {plan.world_size} workers",
+            flush=True,
         )
-        return 0
-    print(
-        f"dist-train: {lc.nproc} workers x {lc.nnodes} node(s), {plan.backend} on "
-        f"{plan.device}, global batch {plan.global_batch_size} = {plan.micro_batch_size} x "
-        f"{plan.accumulation_steps} accumulation x {plan.world_size} workers",
-        flush=True,
-    )
-    for note in plan.notes:
-        print(f"note: {note}", flush=True)
-    worker_args = ["train", args.config, *args.overrides]
-    # The launcher of node 0 owns the run directory for the whole launch, restarts included;
-    # the workers (and other nodes) are told so and take no lock of their own.
-    os.environ[OWNER_ENV] = f"launcher {os.getpid()}"
-    if lc.node_rank != 0:
-        return launch(lc, worker_args, run_dir)
-    with owned_run_dir(run_dir):
-        prepare(run_dir, plan.resume_from is None, cfg.train.overwrite, print)
-        return launch(lc, worker_args, run_dir)
+        for note in plan.notes:
+            print(f"note: {note}", flush=True)
+        if lc.node_rank == 0:
+            prepare(run_dir, plan.resume_from is None, cfg.train.overwrite, print)
+        os.environ[OWNER_ENV] = f"launcher {os.getpid()}"
+        return launch(lc, ["train", args.config, *args.overrides], run_dir)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ Order of precedence: dataclass defaults < YAML file < command-line overrides.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,14 +285,25 @@ def resolve_target(target: str, key: str) -> Any:
     return getattr(module, attr)
 
 
-def call_target(target: str, key: str, **kwargs: Any) -> Any:
-    """Build a user's `_target_` class; whatever its constructor raises becomes one line that
-    names the key, the call and the user's own message (their code, their input)."""
+def call_target(target: str, key: str, kwargs_key: str, **kwargs: Any) -> Any:
+    """Build a user's `_target_` class. Arguments its signature does not take name
+    `kwargs_key`; whatever its constructor raises becomes one line naming `key`, the call and
+    the user's own message (their code, their input)."""
     cls = resolve_target(target, key)
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError as e:
+        raise ConfigError(
+            kwargs_key,
+            target if kwargs_key == key else kwargs,
+            f"{target}({args}) does not fit its signature {inspect.signature(cls)}: {e}",
+        ) from None
+    except ValueError:  # no signature to inspect (a builtin): let the call decide
+        pass
     try:
         return cls(**kwargs)
     except Exception as e:
-        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(
             key, target, f"{cls.__name__}({args}) raised {type(e).__name__}: {detail}"

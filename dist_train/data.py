@@ -8,7 +8,6 @@ run sees is the same for any number of workers (and for any resume point).
 from __future__ import annotations
 
 import glob
-import inspect
 import os
 import pickle
 import sysconfig
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from dist_train.config import RunConfig, call_target, resolve_target
+from dist_train.config import RunConfig, call_target
 from dist_train.errors import ConfigError
 
 
@@ -276,19 +275,9 @@ def _user_data(cfg: RunConfig) -> Data:
     """`data._target_`: called as Class(split="train"|"val", **kwargs); may return a map-style
     dataset of (input, target) or an object with get_batch. Its `task` attribute picks the loss."""
     target = cfg.data._target_ or ""
-    cls = resolve_target(target, "data._target_")
-    try:
-        inspect.signature(cls).bind_partial(split="train", **cfg.data.kwargs)
-    except TypeError as e:
-        raise ConfigError(
-            "data._target_",
-            target,
-            f"must accept split='train' | 'val' and "
-            f"data.kwargs ({e}); its signature is {inspect.signature(cls)}",
-        ) from None
 
     def make(split: str) -> BatchDataset:
-        ds = call_target(target, "data._target_", split=split, **cfg.data.kwargs)
+        ds = call_target(target, "data._target_", "data._target_", split=split, **cfg.data.kwargs)
         return ds if hasattr(ds, "get_batch") else MapDatasetAdapter(ds)
 
     train, val = make("train"), make("val")

@@ -189,7 +189,6 @@ class Trainer:
         step, (last_step, last_time) = self.state.step, interval
         if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps:
             return False
-        self.checkpointer.check_verified()  # a resumed checkpoint's checksums, before any record
         applied = step - last_step - self._interval_skips  # on_nonfinite=skip drops some
         total = all_reduce_mean(self._interval_loss, self.env).item()
         loss = total / applied if applied else None  # None: every update was skipped
@@ -256,7 +255,6 @@ class Trainer:
             return
         final = step == self.cfg.train.max_steps
         if final or (ckpt.every_steps and step % ckpt.every_steps == 0):
-            self.checkpointer.check_verified()
             self._check_finite_before_save()
             self.checkpointer.save(self.state, blocking=final)
 
@@ -381,6 +379,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv) -> Trainer:
     state = TrainState()
     if resume_from is not None:  # before anything is written: a bad checkpoint touches nothing
         checkpointer.load(resume_from, state)
+        checkpointer.check_verified()  # its checksums, hashed from the page cache after the load
     run_dir, moved = Path(cfg.train.run_dir), 0
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")

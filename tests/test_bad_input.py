@@ -101,7 +101,8 @@ CASES: list[tuple[str, list[str], Setup, str]] = [
         "dataset without split=",
         ["data._target_=user_plugins.TorchvisionStyle"],
         _none,
-        "data._target_='user_plugins.TorchvisionStyle': must accept split=",
+        "data._target_='user_plugins.TorchvisionStyle': user_plugins.TorchvisionStyle(split='train') "
+        "does not fit its signature",
     ),
     ("malformed YAML", [], _yaml("train:\n  max_steps: [1\nmodel: {}\n"), "config='"),
     ("YAML list", [], _yaml("- train\n- model\n"), "config='"),

@@ -525,7 +525,7 @@ def smoke_checkpoint(monkeypatch: pytest.MonkeyPatch, nproc: int) -> dict[str, A
         for key in ("GBps", "steps_per_sec"):
             if key in row:
                 assert _finite_positive(row[key]["median"]), (row["name"], key)
-    assert len(data["ratios"]) == 9
+    assert len(data["ratios"]) == 10  # 5 targets, 4 references, the checksum cost
     for label, ratio in data["ratios"].items():
         assert all(_finite_positive(ratio[k]) for k in ("median", "q1", "q3", "ratio_of_medians"))
         assert len(ratio["per_round"]) == 2, label

@@ -49,7 +49,7 @@ RAW_W, RAW_INPLACE, TSAVE = (
 )
 CLONE, COPY = "memcopy (clone)", "memcopy (into buffer)"
 DLOAD, TLOAD, TLOAD_SD, RAW_R = ("dcp load", "torch.load", "torch.load+load_state_dict", "raw read")
-# What a resume adds after the load, beside the first training steps (pages already cached).
+# What a resume adds after the load (the pages are in the page cache by then).
 VERIFY = "checksum verify (after a load)"
 SLOW_SYNC, SLOW_ASYNC, TRAIN, TRAIN_BG = (
     "slow dcp save (sync)",
@@ -174,7 +174,7 @@ def _io_phase(
 
 def _verified(ckpt: Checkpointer) -> Any:
     def finish() -> None:
-        ckpt.check_verified()  # untimed: the training steps after a resume overlap it
+        ckpt.check_verified()  # untimed here: the row "checksum verify" shows its cost
 
     return finish
 
@@ -342,8 +342,8 @@ def _ratios(times: dict[str, list[list[float]]], inner: dict[str, Any]) -> dict[
     # The slower of two noisy baselines per round leans slow (in DCP's favour): torch.save alone.
     ratios["sync save GB/s / torch.save (new file) GB/s"] = ratio_summary(m[TSAVE], m[SYNC])
     ratios["dcp load GB/s / torch.load (alone) GB/s"] = ratio_summary(m[TLOAD], m[DLOAD])
-    # The checksums' cost: hashing during a save is inside the sync save's time; after a load
-    # the verification runs beside the first training steps (its own row and this ratio).
+    # The checksums' cost: hashing during a save is inside the sync save's time; a resume
+    # verifies the loaded files from the page cache after the load (its own row and ratio).
     ratios["checksum verify after a load / dcp load time"] = ratio_summary(m[VERIFY], m[DLOAD])
     return ratios
 

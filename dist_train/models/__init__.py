@@ -15,7 +15,7 @@ from dist_train.models.simple import CNN, MLP
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     if cfg._target_:
-        return call_target(cfg._target_, "model._target_", **cfg.kwargs)
+        return call_target(cfg._target_, "model._target_", "model.kwargs", **cfg.kwargs)
     if cfg.name == "gpt":
         if spec.task != "lm":
             raise ConfigError("model.name", cfg.name, f"needs token data, got a {spec.task} task")
