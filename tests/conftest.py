@@ -100,6 +100,15 @@ def cli(
         )
 
 
+def mount_tmpfs(path: Path, options: str, why: str) -> None:
+    """A small tmpfs at `path` (read-only, or one that fills up), or skip the test saying why:
+    it needs root and mount(8). The caller unmounts it (`umount PATH`)."""
+    path.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]
+    if subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip(f"needs root and mount(8) for {why}")
+
+
 # What a user's own work in the checkout looks like: no test may create, change or delete it.
 GUARDED = ("runs", "bench_results")
 

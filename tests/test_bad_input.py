@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_GPT, cli
+from conftest import TINY_GPT, cli, mount_tmpfs
 
 Setup = Callable[[Path], list[str]]
 TINY = [*TINY_GPT, "train.max_steps=2", "data.max_chars=50000"]
@@ -57,11 +57,7 @@ def _run_dir_is_a_file(tmp: Path) -> list[str]:
 
 def _read_only(tmp: Path) -> list[str]:
     ro = tmp / "ro"
-    ro.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True
-    ).returncode:
-        pytest.skip("needs root and mount(8) for a read-only filesystem")
+    mount_tmpfs(ro, "ro,size=1m", "a read-only filesystem")
     return [f"train.run_dir={ro / 'run'}"]
 
 

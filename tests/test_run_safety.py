@@ -21,7 +21,7 @@ from dist_train.checkpoint.files import complete_checkpoints, read_manifest
 from dist_train.errors import ConfigError, NonFiniteError
 from dist_train.rundir import LOCK
 
-from conftest import CLI, TINY_GPT, cli, run_on_ranks, train_in_process
+from conftest import CLI, TINY_GPT, cli, mount_tmpfs, run_on_ranks, train_in_process
 
 RUN = [
     *TINY_GPT,
@@ -327,11 +327,7 @@ def test_corrupted_shard_is_named_and_an_intact_older_one_offered(tmp_path: Path
 @pytest.mark.slow
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path: Path) -> None:
     small = tmp_path / "small"
-    small.mkdir()
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], capture_output=True
-    ).returncode:
-        pytest.skip("needs root and mount(8) for a small filesystem that fills up")
+    mount_tmpfs(small, "size=2m", "a small filesystem that fills up")
     try:
         proc = cli(
             "train",
