@@ -11,8 +11,9 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-from dist_train.checkpoint.checkpointer import Checkpointer, TrainState, _loaded_in_place
+from dist_train.checkpoint.checkpointer import Checkpointer, TrainState
 from dist_train.checkpoint.reader import ThreadedFileSystemReader, contiguous_runs
+from dist_train.checkpoint.state import loaded_in_place
 from dist_train.config import load_config
 from dist_train.env import DistEnv
 from dist_train.precision import Precision
@@ -65,9 +66,9 @@ def test_threaded_reader_raises_a_thread_failure(tmp_path: Path) -> None:
 def test_loaded_in_place_only_for_the_models_own_tensors() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     own = get_model_state_dict(model)
-    assert _loaded_in_place(own, model)
-    assert not _loaded_in_place({**own, "0.weight": own["0.weight"].clone()}, model)
-    assert not _loaded_in_place({**own, "extra": 3}, model)
+    assert loaded_in_place(own, model)
+    assert not loaded_in_place({**own, "0.weight": own["0.weight"].clone()}, model)
+    assert not loaded_in_place({**own, "extra": 3}, model)
 
 
 def test_load_restores_weights_and_async_stager_reuses_its_memory(tmp_path: Path) -> None:

@@ -33,7 +33,8 @@ from dist_train.bench.loops import FrameworkLoop
 from dist_train.bench.report import BenchReport, Column, machine_info
 from dist_train.bench.stats import median, ratio_summary, round_medians, summarize
 from dist_train.checkpoint.checkpointer import Checkpointer, TrainState
-from dist_train.checkpoint.files import complete_checkpoints, damaged_files, read_manifest
+from dist_train.checkpoint.checksums import damaged_files
+from dist_train.checkpoint.files import complete_checkpoints, read_manifest
 from dist_train.config import RunConfig
 from dist_train.env import DistEnv
 from dist_train.errors import ConfigError

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -30,8 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.tensor import DTensor
 
+from dist_train.checkpoint.checksums import damaged_files
 from dist_train.checkpoint.files import (
     MANIFEST,
     QUIET_MESSAGE,
@@ -40,7 +38,6 @@ from dist_train.checkpoint.files import (
     check_shapes,
     complete_checkpoints,
     corrupted,
-    damaged_files,
     fsync_dir,
     manifest_for,
     read_manifest,
@@ -50,6 +47,7 @@ from dist_train.checkpoint.files import (
 )
 from dist_train.checkpoint.integrity import HashingWriter, collect_digests
 from dist_train.checkpoint.reader import ThreadedFileSystemReader
+from dist_train.checkpoint.state import first_line, loaded_in_place, rng_state, set_rng_state
 from dist_train.config import RunConfig
 from dist_train.env import DistEnv
 from dist_train.errors import ConfigError, DistTrainError
@@ -62,42 +60,6 @@ class TrainState:
 
     step: int = 0  # completed optimizer steps
     samples_seen: int = 0
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _local_ptr(t: torch.Tensor) -> int:
-    return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
-
-
-def _loaded_in_place(loaded: dict[str, Any], model: nn.Module) -> bool:
-    """DCP loads into the tensors it is given; those of `get_model_state_dict` are the model's
-    own (parameters and buffers, sharded or not), and then copying them into the model again
-    would only cost a pass over the whole state. Any other value (a copy, extra state) needs it."""
-    own = {_local_ptr(t) for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
-    return all(isinstance(v, torch.Tensor) and _local_ptr(v) in own for v in loaded.values())
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(error).__name__
 
 
 class Checkpointer:
@@ -221,7 +183,7 @@ class Checkpointer:
         """A save that could not be written (a full disk, a vanished mount): the partial folder
         goes, the previous checkpoint stays, and the reason is one line."""
         found = complete_checkpoints(self.root)
-        reason = _first_line(error)
+        reason = first_line(error)
         # A full disk often surfaces as a short write inside torch.save's zip writer ("unexpected
         # pos ..."): say what it is, measured before the partial save frees its space.
         free = shutil.disk_usage(self.root).free
@@ -280,10 +242,10 @@ class Checkpointer:
                 )
         except (Exception, CheckpointException) as e:  # DCP raises it on every rank alike
             raise ConfigError(
-                "resume", str(path), f"cannot read checkpoint ({_first_line(e)})"
+                "resume", str(path), f"cannot read checkpoint ({first_line(e)})"
             ) from None
         self._verifying = (self._verify_in_background(manifest, path), path)
-        if not _loaded_in_place(current["model"], self.model):
+        if not loaded_in_place(current["model"], self.model):
             set_model_state_dict(self.model, current["model"])
         if "optim" in current:
             set_optimizer_state_dict(self.model, self.optimizer, current["optim"])

@@ -1,5 +1,4 @@
-"""Checksums of checkpoint files: computed while DCP writes the shards, verified before a load
-or an export trusts them.
+"""Checksums computed while DCP writes the shards (`checksums.py` verifies them later).
 
 xxHash's XXH3-64 (the `xxhash` package) hashes at memory speed (~20 GB/s on one core here), so
 hashing the bytes as they stream to disk costs a few percent of a save; zlib's crc32 runs at
@@ -20,7 +19,7 @@ import xxhash
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from dist_train.checkpoint.files import file_digest
+from dist_train.checkpoint.checksums import file_digest
 
 SIDE = ".xxh3"  # "<shard>.xxh3" holds a shard's digest until the commit moves it to the manifest
 
