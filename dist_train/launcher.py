@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,19 @@ def remove_empty_dirs(root: Path) -> None:
             path.rmdir()
 
 
+def how_it_ended(exitcode: int) -> str:
+    """A worker's end in words: a negative code is the signal that killed it, which printed
+    nothing (an out-of-memory kill is SIGKILL)."""
+    if exitcode >= 0:
+        return f"failed with exit code {exitcode} (its output is above)"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = f"signal {-exitcode}"
+    hint = " (the kernel's out-of-memory killer sends it too)" if name == "SIGKILL" else ""
+    return f"was killed by {name}{hint}, so it printed nothing"
+
+
 def launch(launch: LaunchConfig, worker_args: list[str], run_dir: str | Path) -> int:
     """Run the workers and wait; returns the exit status to use (a worker's own on failure)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -123,11 +137,11 @@ def launch(launch: LaunchConfig, worker_args: list[str], run_dir: str | Path) ->
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()  # the root cause; the others were stopped after it
         print(
-            f"error: worker rank {rank} failed with exit code {failure.exitcode} (its output "
-            "is above); the other workers were stopped",
+            f"error: worker rank {rank} {how_it_ended(failure.exitcode)}; the other workers "
+            "were stopped",
             file=sys.stderr,
         )
-        return failure.exitcode if failure.exitcode > 0 else 1
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
     except SignalException as e:  # Ctrl-C or SIGTERM: the agent has already stopped the workers
         print(f"interrupted ({e.sigval.name}): all workers stopped", file=sys.stderr)
         return 128 + int(e.sigval)

@@ -228,3 +228,37 @@ def test_readme_quickstart_command(tmp_path: Path) -> None:
     assert records[-1]["step"] == 1000 and records[-1]["loss"] < 0.7 * records[0]["loss"]
     assert "--- sample" in proc.stdout and "val_loss" in proc.stdout
     print(f"quickstart: {records[-1]['elapsed_sec']:.1f} s, loss {records[-1]['loss']:.3f}")
+
+
+@pytest.mark.slow
+def test_a_worker_killed_by_a_signal_is_named(tmp_path: Path) -> None:
+    run_dir = tmp_path / "killed"
+    cmd = [
+        str(CLI),
+        "train",
+        *RUN,
+        "--nproc",
+        "2",
+        "train.max_steps=100000",
+        "log.every_steps=1",
+        f"train.run_dir={run_dir}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for_metrics(run_dir, proc)
+        workers = [pid for pid in leftover_processes(str(run_dir)) if pid != proc.pid]
+        os.kill(max(workers), signal.SIGKILL)  # as the out-of-memory killer would
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = err.strip().splitlines()[-1]
+    assert "was killed by SIGKILL" in last and last.startswith("error: worker rank"), err[-2000:]
+    assert proc.returncode == 128 + signal.SIGKILL

@@ -115,6 +115,14 @@ def test_torchrun_argv_single_and_multi_node() -> None:
     assert multi[-4:] == ["--module", "dist_train", "train", "c.yaml"]
 
 
+def test_worker_endings_are_named() -> None:
+    from dist_train.launcher import how_it_ended
+
+    assert how_it_ended(1) == "failed with exit code 1 (its output is above)"
+    assert how_it_ended(-9).startswith("was killed by SIGKILL (the kernel's out-of-memory")
+    assert how_it_ended(-15) == "was killed by SIGTERM, so it printed nothing"
+
+
 def test_launch_limits() -> None:
     with pytest.raises(ConfigError, match="--nproc <=") as err:
         check_launch(LaunchConfig(nproc=10_000), "cpu")
