@@ -148,9 +148,8 @@ def wait_for_metrics(run_dir: Path, proc: subprocess.Popen[str], timeout: float 
     raise AssertionError(f"no metrics before timeout; exit {proc.poll()}")
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_all_workers(tmp_path: Path) -> None:
-    run_dir = tmp_path / "interrupted"
+def start_endless_two_workers(run_dir: Path) -> subprocess.Popen[str]:
+    """`--nproc 2` logging every step until stopped, in its own session (a terminal's group)."""
     cmd = [
         str(CLI),
         "train",
@@ -161,14 +160,20 @@ def test_ctrl_c_stops_all_workers(tmp_path: Path) -> None:
         "log.every_steps=1",
         f"train.run_dir={run_dir}",
     ]
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd,
-        cwd=tmp_path,
+        cwd=run_dir.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_all_workers(tmp_path: Path) -> None:
+    run_dir = tmp_path / "interrupted"
+    proc = start_endless_two_workers(run_dir)
     try:
         wait_for_metrics(run_dir, proc)
         assert len(leftover_processes(str(run_dir))) >= 3  # the agent and two workers
@@ -233,24 +238,7 @@ def test_readme_quickstart_command(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_a_worker_killed_by_a_signal_is_named(tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
-    cmd = [
-        str(CLI),
-        "train",
-        *RUN,
-        "--nproc",
-        "2",
-        "train.max_steps=100000",
-        "log.every_steps=1",
-        f"train.run_dir={run_dir}",
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_endless_two_workers(run_dir)
     try:
         wait_for_metrics(run_dir, proc)
         workers = [pid for pid in leftover_processes(str(run_dir)) if pid != proc.pid]
