@@ -20,6 +20,7 @@ import dist_train
 from dist_train.bench import add_bench_parser
 from dist_train.errors import DistTrainError, PeerError
 from dist_train.rundir import OWNER_ENV, RunLock, owned_run_dir, prepare
+from dist_train.signals import EXIT_PREEMPTED, Preempted, StopRequest, Terminated
 from dist_train.versions import check_torch_version
 
 if TYPE_CHECKING:
@@ -28,35 +29,43 @@ if TYPE_CHECKING:
     from dist_train.launcher import LaunchConfig
 
 
-class Terminated(BaseException):
-    """SIGTERM, turned into an exception so a run leaves through its normal exit path (the run
-    directory's lock released, the process group destroyed) instead of dying where it stands.
-    A BaseException, so that no `except Exception` in user code swallows it."""
-
-
-def _raise_terminated(signum: int, _frame: object) -> None:
-    raise Terminated(signum)
-
-
 def run_worker(cfg: RunConfig, owned: bool = False) -> int:
     """One worker's whole life: join the group, train, always leave the group. `owned`: the
     caller (this process, or the launcher of `--nproc N`) holds the run directory; under plain
     torchrun nobody does yet, and rank 0 takes it."""
-    from dist_train.env import dist_session, read_env
+    from dist_train.env import dist_session, read_env, under_torchrun
     from dist_train.trainer import build_trainer
+    from dist_train.watch import Progress, Watch, check_shared_run_dir
 
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    stop = StopRequest()
+    stop.install()
     env = read_env(cfg.train.device)
     owned = owned or OWNER_ENV in os.environ
-    with (
-        dist_session(env, cfg.parallel.timeout_s),
-        nullcontext() if owned else _rank0_owns(cfg, env),
-    ):
-        trainer = build_trainer(cfg, env)
-        try:
-            trainer.fit()
-        finally:
-            trainer.close()
+    watch = Watch(env) if under_torchrun() else None
+    try:
+        with (
+            dist_session(env, cfg.parallel.timeout_s),
+            nullcontext() if owned else _rank0_owns(cfg, env),
+        ):
+            check_shared_run_dir(Path(cfg.train.run_dir), env)
+            trainer = build_trainer(cfg, env, stop, watch.progress if watch else Progress())
+            try:
+                stop.arm()  # from here a stop signal saves at the next step boundary
+                trainer.fit()
+            finally:
+                trainer.close()
+    except RuntimeError as e:  # a peer that timed out or went away: name it, not our traceback
+        if watch is None:
+            raise
+        watch.failed()
+        raise watch.explain(e, cfg.parallel.timeout_s, Path(cfg.train.run_dir)) from None
+    except (Exception, KeyboardInterrupt):
+        if watch is not None:
+            watch.failed()
+        raise
+    finally:
+        if watch is not None:
+            watch.close()
     return 0
 
 
@@ -88,7 +97,11 @@ def _rank0_owns(cfg: RunConfig, env: DistEnv) -> Iterator[None]:
         lock.release()
 
 
-def _launch_config(args: argparse.Namespace) -> LaunchConfig:
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
+def _launch_config(args: argparse.Namespace, timeout_s: int = 30) -> LaunchConfig:
     from dist_train.launcher import LaunchConfig
 
     nproc = 1 if args.nproc is None else args.nproc  # an explicit 0 is an error, not "default"
@@ -99,6 +112,9 @@ def _launch_config(args: argparse.Namespace) -> LaunchConfig:
         rdzv_endpoint=args.rdzv_endpoint,
         rdzv_id=args.rdzv_id,
         max_restarts=getattr(args, "max_restarts", 0),
+        # After a stop signal the agent waits this long for the workers' checkpoint before it
+        # kills them; healthy workers exit as soon as it is written.
+        shutdown_timeout_s=max(30, timeout_s),
     )
 
 
@@ -111,7 +127,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if under_torchrun():  # we are a worker: torchrun already decided the world
         return run_worker(cfg)
-    lc = _launch_config(args)
+    # Until torchrun's agent handles it, SIGUSR1 (SLURM's warning) would kill us silently.
+    signal.signal(signal.SIGUSR1, _raise_terminated)
+    lc = _launch_config(args, cfg.parallel.timeout_s)
     check_launch(lc, device_kind(cfg))
     run_dir = Path(cfg.train.run_dir)
     # The single process, or the launcher of node 0, owns the run directory for the whole run
@@ -224,15 +242,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_torch_version()
         code = args.func(args)
     except DistTrainError as e:
-        from dist_train.env import process_rank
-
-        if not getattr(e, "on_every_rank", False) or process_rank() == 0:
+        if _speaks(e):
             print(f"error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
-    except Terminated:
-        print("terminated (SIGTERM)", file=sys.stderr)
-        code = 128 + signal.SIGTERM
+    except Terminated as e:
+        print(f"terminated ({signal.Signals(e.args[0]).name}) before training", file=sys.stderr)
+        code = EXIT_PREEMPTED
+    except Preempted as e:
+        if _speaks(e):
+            print(e.message(), file=sys.stderr, flush=True)
+        code = EXIT_PREEMPTED
     sys.exit(code)
+
+
+def _speaks(error: BaseException) -> bool:
+    """Errors every rank raises alike are printed by rank 0 only; a `quiet` one by nobody."""
+    from dist_train.env import process_rank
+
+    if getattr(error, "quiet", False):
+        return False
+    if isinstance(error, Preempted) or getattr(error, "on_every_rank", False):
+        return process_rank() == 0
+    return True

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_train.errors import ConfigError
+from dist_train.signals import EXIT_PREEMPTED, PREEMPT_SIGNALS
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class LaunchConfig:
     rdzv_endpoint: str | None = None  # host:port of the rendezvous, for more than one node
     rdzv_id: str = "dist_train"
     max_restarts: int = 0  # torchrun restarts the whole worker group this often after a failure
+    shutdown_timeout_s: int = 30  # after a stop signal, how long the workers may take to save
 
     @property
     def world_size(self) -> int:
@@ -74,6 +76,10 @@ def torchrun_argv(launch: LaunchConfig, worker_args: list[str], log_dir: Path) -
         f"--nproc-per-node={launch.nproc}",
         f"--max-restarts={launch.max_restarts}",
         f"--log-dir={log_dir}",
+        f"--shutdown-timeout={launch.shutdown_timeout_s}",
+        # The agent forwards these to the workers, which save at the next step boundary;
+        # SIGUSR1 is SLURM's warning ahead of a time limit (`#SBATCH --signal=USR1@120`).
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
     ]
     if launch.nnodes == 1 and not launch.rdzv_endpoint:
         argv.append("--standalone")  # local rendezvous on a free port
@@ -113,6 +119,10 @@ def remove_empty_dirs(root: Path) -> None:
 def how_it_ended(exitcode: int) -> str:
     """A worker's end in words: a negative code is the signal that killed it, which printed
     nothing (an out-of-memory kill is SIGKILL)."""
+    if exitcode == EXIT_PREEMPTED:
+        return f"stopped after a stop signal (exit code {exitcode}, its message is above)"
+    if exitcode == 2:  # a dist-train error: the worker printed it as one line
+        return "stopped the run with the error above"
     if exitcode >= 0:
         return f"failed with exit code {exitcode} (its output is above)"
     try:
@@ -142,7 +152,14 @@ def launch(launch: LaunchConfig, worker_args: list[str], run_dir: str | Path) ->
             file=sys.stderr,
         )
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
-    except SignalException as e:  # Ctrl-C or SIGTERM: the agent has already stopped the workers
+    except SignalException as e:  # the agent has forwarded it and waited for the workers
+        if e.sigval in PREEMPT_SIGNALS:
+            print(
+                f"dist-train: {e.sigval.name}: the workers saved what they could and stopped; "
+                f"exit status {EXIT_PREEMPTED} (run the same command to continue)",
+                file=sys.stderr,
+            )
+            return EXIT_PREEMPTED
         print(f"interrupted ({e.sigval.name}): all workers stopped", file=sys.stderr)
         return 128 + int(e.sigval)
     finally:

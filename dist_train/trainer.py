@@ -27,6 +27,8 @@ from dist_train.models.gpt import GPT, generate
 from dist_train.optim import build_optimizer, clip_and_measure, decay_horizon, lr_at, set_lr
 from dist_train.parallel import grad_sync, unwrap, wrap_model
 from dist_train.precision import Precision
+from dist_train.signals import Preempted, StopRequest
+from dist_train.watch import Progress, StopVote
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -58,10 +60,12 @@ class Trainer:
         checkpointer: Checkpointer,
         state: TrainState,
         logger: MetricsLogger,
+        stop: StopVote,
+        progress: Progress,
     ) -> None:
         self.cfg, self.env, self.data, self.model = cfg, env, data, model
         self.optimizer, self.precision, self.checkpointer = optimizer, precision, checkpointer
-        self.state, self.logger = state, logger
+        self.state, self.logger, self.stop, self.progress = state, logger, stop, progress
         self.loss_fn = build_loss(data.spec)
         self.accum = accumulation_steps(cfg, env.world_size)
         self.micro_batch_size = micro_batch_size(cfg, env.world_size)
@@ -96,7 +100,9 @@ class Trainer:
         indices = self.sampler.rank_indices(step, self.env.rank, self.env.world_size)
         chunks = indices.split(self.micro_batch_size)
         for i, chunk in enumerate(chunks):
+            self.progress.enter("data", step, i)
             x, y = self._to_device(chunk, self.data.train)
+            self.progress.enter("forward/backward", step, i)
             with grad_sync(self.model, enabled=i == len(chunks) - 1):
                 with self.precision.autocast():
                     loss = self.loss_fn(self.model(x), y)
@@ -104,6 +110,7 @@ class Trainer:
                         loss = loss / self.accum
                 self.precision.backward(loss)
             self._interval_loss += loss.detach()
+        self.progress.enter("optimizer", step)
         self.precision.unscale_(self.optimizer)
         norm = clip_and_measure(
             self.model,
@@ -166,6 +173,7 @@ class Trainer:
         )
         model = unwrap(self.model)
         model.eval()
+        self.progress.enter("evaluation", self.state.step)
         totals = torch.zeros(2, device=self.env.device)  # loss * samples, samples
         for b in range(self.cfg.train.eval_batches):
             indices = sampler.rank_indices(b, self.env.rank, self.env.world_size)
@@ -184,11 +192,13 @@ class Trainer:
         interval: tuple[int, float],
         result: FitResult,
         start: float,
+        force: bool = False,
     ) -> bool:
         """At log steps: reduce the interval's loss over ranks (every rank joins) and write."""
         step, (last_step, last_time) = self.state.step, interval
-        if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps:
+        if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps and not force:
             return False
+        self.progress.enter("log", step - 1)
         applied = step - last_step - self._interval_skips  # on_nonfinite=skip drops some
         total = all_reduce_mean(self._interval_loss, self.env).item()
         loss = total / applied if applied else None  # None: every update was skipped
@@ -255,8 +265,26 @@ class Trainer:
             return
         final = step == self.cfg.train.max_steps
         if final or (ckpt.every_steps and step % ckpt.every_steps == 0):
-            self._check_finite_before_save()
-            self.checkpointer.save(self.state, blocking=final)
+            self._save(blocking=final)
+
+    def _save(self, blocking: bool) -> None:
+        self.progress.enter("checkpoint", self.state.step - 1)
+        self._check_finite_before_save()
+        self.checkpointer.save(self.state, blocking=blocking)
+
+    def _preempted(self, signum: int, norm: torch.Tensor | None, *log: Any) -> Preempted:
+        """Every rank, at the same step: log the partial interval, save (unless this step's
+        save is already under way: then finish it) and report."""
+        if self.state.step % self.cfg.log.every_steps:
+            self.maybe_log(norm, *log, force=True)
+        saved = None
+        if self.cfg.checkpoint.enabled:
+            if self.checkpointer.saved_step == self.state.step:
+                self.checkpointer.wait()
+            else:
+                self._save(blocking=True)
+            saved = str(self.checkpointer.root / f"step_{self.state.step:07d}")
+        return Preempted(signum, self.state.step, saved)
 
     def fit(self) -> FitResult:
         result = FitResult()
@@ -276,10 +304,13 @@ class Trainer:
             norm = self.train_step(step, measure_norm=logging_now)
             self.state.step += 1
             self.state.samples_seen += self.cfg.train.global_batch_size
+            stop = self.stop()  # every rank learns the same answer at the same step
             if self.maybe_log(norm, interval, result, start):
                 interval = (self.state.step, time.perf_counter())
             self.logger.bar(self.state.step, result.losses.get(max(result.losses, default=-1)))
             self.maybe_checkpoint()  # before evaluation: work is safe as early as possible
+            if stop and self.state.step < self.cfg.train.max_steps:
+                raise self._preempted(stop, norm, interval, result, start)
             self.maybe_evaluate(result)
         result.sample = self.maybe_sample()
         last = result.losses.get(self.state.step)
@@ -296,6 +327,7 @@ class Trainer:
         """Release the DDP wrapper before the process group goes: destroying a gloo group while
         a DDP reducer still holds it aborts the process now and then (torch 2.13)."""
         self.logger.close()
+        self.stop.close()
         self.checkpointer.close()
         self.model = unwrap(self.model)
         gc.collect()  # DDP's hooks form reference cycles; free it now, not at exit
@@ -354,9 +386,15 @@ def resume_notes(cfg: RunConfig, saved: dict[str, Any]) -> list[str]:
     return notes
 
 
-def build_trainer(cfg: RunConfig, env: DistEnv) -> Trainer:
+def build_trainer(
+    cfg: RunConfig,
+    env: DistEnv,
+    stop: StopRequest | None = None,
+    progress: Progress | None = None,
+) -> Trainer:
     """Data, model (same init on every rank), optimizer, logger; writes the resolved config.
-    The caller owns the run directory (see `dist_train.rundir`)."""
+    The caller owns the run directory (see `dist_train.rundir`); `stop` receives its signals
+    and `progress` is what its peers read when one of them waits in vain."""
     accumulation_steps(cfg, env.world_size)  # fail on a bad batch split before touching anything
     data = build_data(cfg)
     resume_from = resolve_resume(cfg)
@@ -376,6 +414,7 @@ def build_trainer(cfg: RunConfig, env: DistEnv) -> Trainer:
     optimizer = build_optimizer(cfg.optim, model)
     precision = Precision(cfg.precision, env.device)
     checkpointer = Checkpointer(cfg, env, model, optimizer, precision)
+    vote = StopVote(stop or StopRequest(), env)
     state = TrainState()
     if resume_from is not None:  # before anything is written: a bad checkpoint touches nothing
         checkpointer.load(resume_from, state)
@@ -395,4 +434,16 @@ def build_trainer(cfg: RunConfig, env: DistEnv) -> Trainer:
         logger.print(f"resumed from {resume_from} at step {state.step}")
         for note in resume_notes(cfg, saved):
             logger.print(f"note: {note}")
-    return Trainer(cfg, env, data, model, optimizer, precision, checkpointer, state, logger)
+    return Trainer(
+        cfg,
+        env,
+        data,
+        model,
+        optimizer,
+        precision,
+        checkpointer,
+        state,
+        logger,
+        vote,
+        progress or Progress(),
+    )

@@ -1,27 +1,49 @@
-"""launch/ recipes are thin: they call `dist-train train` with the right flags."""
+"""launch/ recipes are thin: they call `dist-train train` with the right flags, and turn the
+preemption exit status (143: checkpoint saved) into a requeue."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
 
 from conftest import REPO
 
+PREEMPTED = 143  # dist-train's "checkpoint saved, resubmit to continue"
+
 
 def fake_bin(tmp_path: Path) -> dict[str, str]:
-    """`dist-train` that prints its arguments; `srun`/`scontrol` stand-ins for SLURM."""
+    """`dist-train` that prints its arguments and exits $DT_EXIT; `srun`/`scontrol` stand-ins
+    for SLURM. `scontrol` (but `show hostnames`) appends its argv to tmp/scontrol.log and exits
+    $SCONTROL_EXIT; `srun` writes its ignored-signal mask to $SRUN_MARK, if set, then sleeps
+    $SRUN_SLEEP seconds."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
     scripts = {
-        "dist-train": 'printf "%s\\n" "$@"',
-        "scontrol": 'printf "node-a\\nnode-b\\n"',
-        "srun": 'SLURM_NODEID=1 "$@"',  # run the per-node command as node 1 would
+        "dist-train": 'printf "%s\\n" "$@"\nexit "${DT_EXIT:-0}"',
+        "scontrol": f'if [[ $1 == show ]]; then printf "node-a\\nnode-b\\n"\n'
+        f'else echo "$*" >> "{log}"; exit "${{SCONTROL_EXIT:-0}}"; fi',
+        # run the per-node command as node 1 would
+        "srun": '[[ -z ${SRUN_MARK:-} ]] || grep SigIgn /proc/$$/status > "$SRUN_MARK"\n'
+        'sleep "${SRUN_SLEEP:-0}"\nSLURM_NODEID=1 "$@"',
     }
     for name, body in scripts.items():
         (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    # The recipes read these; the machine running the tests may have its own.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SLURM_") and k not in ("NPROC", "RDZV_PORT")
+    }
+    return {**env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
 
 def run(cmd: list[str], env: dict[str, str]) -> list[str]:
@@ -61,26 +83,227 @@ def test_multinode(tmp_path: Path) -> None:
     ]
 
 
-def test_slurm(tmp_path: Path) -> None:
-    env = {
+# --- SLURM ---------------------------------------------------------------------------------
+
+SBATCH = ["bash", "launch/slurm.sbatch", "c.yaml", "a=1"]
+
+
+def slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
         **fake_bin(tmp_path),
         "SLURM_JOB_NODELIST": "node-[a-b]",
         "SLURM_NNODES": "2",
-        "SLURM_GPUS_ON_NODE": "8",
         "SLURM_JOB_ID": "77",
+        **extra,
     }
-    assert run(["bash", "launch/slurm.sbatch", "c.yaml", "a=1"], env) == [
+
+
+def slurm_argv(nproc: str, port: str = "29400") -> list[str]:
+    return [
         "train",
         "c.yaml",
         "--nproc",
-        "8",
+        nproc,
         "--nnodes",
         "2",
         "--node-rank",
         "1",
         "--rdzv-endpoint",
-        "node-a:29400",
+        f"node-a:{port}",
         "--rdzv-id",
         "77",
         "a=1",
     ]
+
+
+def sbatch(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(SBATCH, cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("extra", "nproc"),
+    [
+        ({"SLURM_GPUS_ON_NODE": "8"}, "8"),
+        ({"SLURM_GPUS_PER_NODE": "a100:4"}, "4"),
+        ({"SLURM_GPUS_PER_NODE": "2"}, "2"),
+        ({"SLURM_GPUS_ON_NODE": "8", "SLURM_GPUS_PER_NODE": "a100:4"}, "8"),
+        ({"NPROC": "3", "SLURM_GPUS_ON_NODE": "8", "SLURM_GPUS_PER_NODE": "a100:4"}, "3"),
+    ],
+)
+def test_slurm_workers_per_node(tmp_path: Path, extra: dict[str, str], nproc: str) -> None:
+    proc = sbatch(slurm_env(tmp_path, **extra))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == slurm_argv(nproc)
+    assert "1 worker per node" not in proc.stderr
+
+
+def test_slurm_without_gpus_says_one_worker_and_how_to_change_it(tmp_path: Path) -> None:
+    proc = sbatch(slurm_env(tmp_path, RDZV_PORT="29555"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == slurm_argv("1", port="29555")
+    line = next(x for x in proc.stderr.splitlines() if "1 worker per node" in x)
+    assert "NPROC=" in line
+    assert "--gpus-per-node" in line
+
+
+def test_slurm_unreadable_gpu_count_is_an_error_before_srun(tmp_path: Path) -> None:
+    proc = sbatch(slurm_env(tmp_path, SLURM_GPUS_PER_NODE="a100:x"))
+    assert proc.returncode == 2
+    assert proc.stdout == ""  # dist-train never started
+    assert "SLURM_GPUS_PER_NODE=a100:x" in proc.stderr
+    assert "NPROC" in proc.stderr
+
+
+def sbatch_options() -> list[str]:
+    """The #SBATCH lines sbatch reads: those before the first command."""
+    options = []
+    for line in (REPO / "launch/slurm.sbatch").read_text().splitlines()[1:]:
+        if line.strip() and not line.startswith("#"):
+            break
+        if line.startswith("#SBATCH "):
+            options.append(line.removeprefix("#SBATCH ").split(" #")[0].strip())
+    return options
+
+
+def test_slurm_header_asks_for_warning_signal_requeue_and_appended_log() -> None:
+    options = sbatch_options()
+    signal_opts = [o for o in options if o.startswith("--signal=")]
+    assert len(signal_opts) == 1
+    # No "B:": the job step's processes (dist-train and its workers) must get it, not the shell.
+    sig, _, seconds = signal_opts[0].removeprefix("--signal=").partition("@")
+    assert sig in ("USR1", "SIGUSR1")
+    assert int(seconds) >= 60  # time to save before SIGTERM/SIGKILL at the limit
+    assert "--requeue" in options
+    assert "--open-mode=append" in options
+    assert "--ntasks-per-node=1" in options
+
+
+@pytest.mark.parametrize("restart", [None, "2"])
+def test_slurm_preempted_run_is_requeued(tmp_path: Path, restart: str | None) -> None:
+    extra = {"DT_EXIT": str(PREEMPTED), "SLURM_GPUS_ON_NODE": "8"}
+    if restart is not None:
+        extra["SLURM_RESTART_COUNT"] = restart
+    proc = sbatch(slurm_env(tmp_path, **extra))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == slurm_argv("8")
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 77"]
+    assert "requeue" in proc.stderr
+    assert ("restart 2" in proc.stderr) == (restart is not None)
+
+
+def test_slurm_failed_requeue_keeps_the_preempted_status(tmp_path: Path) -> None:
+    proc = sbatch(slurm_env(tmp_path, DT_EXIT=str(PREEMPTED), SCONTROL_EXIT="1"))
+    assert proc.returncode == PREEMPTED
+    assert "resubmit" in proc.stderr
+
+
+@pytest.mark.parametrize("status", [1, 137])
+def test_slurm_other_failures_are_not_requeued(tmp_path: Path, status: int) -> None:
+    proc = sbatch(slurm_env(tmp_path, DT_EXIT=str(status)))
+    assert proc.returncode == status, proc.stderr
+    assert proc.stdout.splitlines() == slurm_argv("1")
+    assert not (tmp_path / "scontrol.log").exists()
+
+
+def test_slurm_sigterm_to_the_batch_shell_waits_for_srun(tmp_path: Path) -> None:
+    """SLURM signals the batch shell too (time limit, preemption): the script must outlive srun,
+    whose workers are saving, and still requeue on its 143."""
+    mark = tmp_path / "srun-started"
+    env = slurm_env(tmp_path, DT_EXIT=str(PREEMPTED), SRUN_MARK=str(mark), SRUN_SLEEP="2")
+    proc = subprocess.Popen(
+        SBATCH, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not mark.exists() or not mark.read_text().endswith("\n"):
+            assert proc.poll() is None and time.monotonic() < deadline, "srun never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # the batch shell only, as SLURM's is
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.splitlines() == slurm_argv("1")  # srun's command ran to the end
+    # srun (and so the workers) can still be stopped: the script traps SIGTERM, not ignores it
+    assert not int(mark.read_text().split()[1], 16) & (1 << (signal.SIGTERM - 1))
+    assert "SIGTERM" in err
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 77"]
+
+
+# --- Kubernetes ----------------------------------------------------------------------------
+
+
+def pytorchjob() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "launch/pytorchjob.yaml").read_text())
+
+
+def test_pytorchjob_replicas_and_restarts() -> None:
+    job = pytorchjob()
+    assert job["apiVersion"] == "kubeflow.org/v1"
+    assert job["kind"] == "PyTorchJob"
+    # WORLD_SIZE is the pod count only while nprocPerNode is unset (else pods * nprocPerNode)
+    assert "nprocPerNode" not in job["spec"]
+    assert "elasticPolicy" not in job["spec"]
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Master", "Worker"}
+    assert replicas["Master"]["replicas"] == 1
+    assert replicas["Worker"]["replicas"] >= 1
+    for spec in replicas.values():
+        assert spec["restartPolicy"] == "ExitCode"  # 143 is retryable: the pod is recreated
+    assert replicas["Master"]["template"] == replicas["Worker"]["template"]
+    pod = replicas["Master"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= 60  # time to save after SIGTERM
+    (container,) = pod["containers"]
+    assert container["name"] == "pytorch"  # the container the operator injects variables into
+    assert {"name": "pytorchjob-port", "containerPort": 23456} in container["ports"]
+
+
+def test_pytorchjob_run_dir_is_on_the_shared_volume() -> None:
+    pod = pytorchjob()["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (run_dir,) = [a for a in container["command"][-1].split() if a.startswith("train.run_dir=")]
+    run_dir = run_dir.removeprefix("train.run_dir=")
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    mounts = [m for m in container["volumeMounts"] if m["name"] in claims]
+    assert len(mounts) == 1
+    assert run_dir.startswith(mounts[0]["mountPath"].rstrip("/") + "/")
+    assert claims[mounts[0]["name"]]["claimName"]
+    assert "ReadWriteMany" in (REPO / "launch/pytorchjob.yaml").read_text()
+
+
+def test_pytorchjob_command(tmp_path: Path) -> None:
+    pod = pytorchjob()["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["command"] + container.get("args", [])
+    assert command[:2] == ["sh", "-c"]
+    operator_env = {"MASTER_ADDR": "m", "MASTER_PORT": "23456", "WORLD_SIZE": "3", "RANK": "2"}
+    env = {**fake_bin(tmp_path), **operator_env}
+    argv = run(command, env)
+    assert (REPO / argv[1]).is_file()
+    assert argv == [
+        "train",
+        "configs/gpt_char.yaml",
+        "--nproc",
+        "8",
+        "--nnodes",
+        "3",
+        "--node-rank",
+        "2",
+        "--rdzv-endpoint",
+        "m:23456",
+        "--rdzv-id",
+        "dist-train",
+        "train.run_dir=/runs/gpt_char",
+    ]
+    # exec: dist-train is the container's PID 1, the process Kubernetes sends SIGTERM to
+    assert command[2].lstrip().startswith("exec dist-train ")
+    # the exit status reaches the operator unchanged (143 -> pod recreated, 1 -> job failed)
+    for status in (PREEMPTED, 1):
+        proc = subprocess.run(
+            command, env={**env, "DT_EXIT": str(status)}, capture_output=True, timeout=30
+        )
+        assert proc.returncode == status

@@ -89,6 +89,8 @@ def test_torchrun_argv_single_and_multi_node() -> None:
         "--nproc-per-node=2",
         "--max-restarts=0",
         "--log-dir=r/logs",
+        "--shutdown-timeout=30",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
         "--standalone",
         "--module",
         "dist_train",

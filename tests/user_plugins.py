@@ -71,3 +71,21 @@ class TorchvisionStyle(LineDataset):
 
     def __init__(self, train: bool = True) -> None:  # type: ignore[override]
         super().__init__("train" if train else "val")
+
+
+class StallOnRankOne(LineDataset):
+    """Rank 1 stops answering after `after` items of the training split: a dataset reading
+    from a mount that hung."""
+
+    def __init__(self, split: str, after: int = 64, **kwargs: int) -> None:
+        super().__init__(split, **kwargs)
+        self.after = after if split == "train" else -1
+        self.calls = 0
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        if os.environ.get("RANK") == "1" and self.calls > self.after >= 0:
+            import time
+
+            time.sleep(3600)
+        return super().__getitem__(i)

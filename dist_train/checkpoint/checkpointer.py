@@ -104,6 +104,7 @@ class Checkpointer:
             else None
         )
         self._pending: tuple[Future[Any], TrainState, Path] | None = None
+        self.saved_step: int | None = None  # the step of the newest save started
         self._verifying: tuple[Future[list[str]], Path] | None = None  # after a load
 
     def _state(self, with_optimizer: bool) -> dict[str, Any]:
@@ -134,6 +135,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed attempt
             tmp.mkdir(parents=True)
         self._barrier()
+        self.saved_step = state.step
         if blocking or not self.cfg.checkpoint.async_save:
             try:
                 self._write_rng(tmp)

@@ -1,0 +1,60 @@
+"""Preemption: SIGTERM or SIGUSR1 (SLURM's warning ahead of a time limit) ends a run at a step
+boundary, on every rank at the same step, after one checkpoint; the exit status is 143.
+
+The handler only records the signal; `dist_train.watch.StopVote` makes every rank see it at
+the same step. No torch here: the CLI installs the handlers before it imports torch.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# 128 + SIGTERM: what schedulers see from a job stopped by SIGTERM, and what Kubernetes' ExitCode
+# restart policy and `launch/slurm.sbatch` treat as "requeue me" (the checkpoint is written).
+EXIT_PREEMPTED = 128 + int(signal.SIGTERM)
+
+
+class Terminated(BaseException):
+    """A stop signal before the training loop runs (nothing to save yet): the run leaves
+    through its normal exit path (lock released, process group destroyed). A BaseException, so
+    that no `except Exception` in user code swallows it."""
+
+
+class Preempted(BaseException):
+    """Raised on every rank at the same step once the stop checkpoint is written."""
+
+    def __init__(self, signum: int, step: int, saved: str | None) -> None:
+        super().__init__(signum, step, saved)
+        self.signum, self.step, self.saved = signum, step, saved
+
+    def message(self) -> str:
+        name = signal.Signals(self.signum).name if self.signum else "a stop signal"
+        where = f"saved {self.saved}" if self.saved else "nothing saved (checkpoint.enabled=false)"
+        return (
+            f"preempted ({name}) at step {self.step}: {where}; run the same command to "
+            f"continue (exit status {EXIT_PREEMPTED})"
+        )
+
+
+class StopRequest:
+    """Records SIGTERM/SIGUSR1. Before `arm()` (start-up: nothing to save yet) a signal stops
+    the process at once; after it, the loop stops at the next step boundary. A repeated
+    signal changes nothing: schedulers and torchrun's agent may both deliver one."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.armed = False
+
+    def install(self) -> None:
+        for signum in PREEMPT_SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if not self.armed:
+            raise Terminated(signum)
+        self.signum = self.signum or signum

@@ -1,0 +1,243 @@
+"""Each worker's progress where its peers can read it, so that a collective that times out
+names the rank that did not arrive (and its step and phase) instead of the waiting rank's
+gloo traceback; a worker whose launcher died stops instead of training on unsupervised; and
+every rank learns at the same step boundary whether any rank was asked to stop (preemption).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dist_train.env import DistEnv, restart_count
+from dist_train.errors import DistTrainError
+from dist_train.signals import StopRequest
+
+PHASES = {  # in the order a step goes through them
+    "start-up": "starting up",
+    "data": "loading data",
+    "forward/backward": "in forward/backward (the gradient all-reduce)",
+    "optimizer": "in the optimizer step",
+    "log": "logging (the loss all-reduce)",
+    "checkpoint": "saving a checkpoint",
+    "evaluation": "evaluating",
+}
+POST_EVERY_S = 0.5
+FAILED = "failed"  # store key: some rank failed; the others must not linger
+FAILED_GRACE_S = 3.0  # time for a rank to fail on its own (and say why) before it is ended
+# What gloo and NCCL say when a peer does not answer in time or went away.
+PEER_TROUBLE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+@dataclass
+class Progress:
+    """Where this rank is; the loop sets it (attribute writes: free), a thread posts it."""
+
+    step: int = 0
+    micro: int = 0
+    phase: str = "start-up"
+    since: float = field(default_factory=time.time)
+
+    def enter(self, phase: str, step: int, micro: int = 0) -> None:
+        self.phase, self.step, self.micro, self.since = phase, step, micro, time.time()
+
+    def position(self) -> tuple[int, int, int]:
+        return self.step, self.micro, list(PHASES).index(self.phase)
+
+    def describe(self) -> str:
+        what = PHASES[self.phase]
+        return f"{what} at step {self.step + 1} (for {time.time() - self.since:.0f} s)"
+
+
+def _store(timeout_s: float) -> dist.Store | None:
+    """A client of the store torchrun's agent serves to its workers; None outside torchrun."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        return None
+    store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    return dist.PrefixStore(f"dist_train/progress/{run}/{restart_count()}", store)
+
+
+class Watch:
+    """A daemon thread: posts this rank's progress when it changes, and ends the process
+    when its parent (torchrun's agent, inside `dist-train`'s launcher) is gone."""
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env, self.progress = env, Progress()
+        self._parent = os.getppid()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dist-train-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        store, posted = None, None
+        while not self._stop.wait(POST_EVERY_S):
+            if os.getppid() != self._parent:  # re-parented: the launcher was killed
+                print(
+                    f"dist-train: rank {self.env.rank}: the launcher (pid {self._parent}) is "
+                    "gone; stopping this worker",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
+            p = self.progress
+            now = (p.step, p.micro, p.phase, p.since)
+            try:
+                store = store or _store(timeout_s=10)
+                if store is None:
+                    return
+                if now != posted:
+                    store.set(str(self.env.rank), json.dumps(now))
+                    posted = now
+                if store.check([FAILED]) and self._stop.wait(FAILED_GRACE_S) is False:
+                    os._exit(1)  # a peer failed and said why; this rank is stuck: end it
+            except Exception:  # the store is gone (the run is ending): nothing left to post
+                return
+
+    def failed(self) -> None:
+        """Tell the other ranks this one failed (and printed why): a rank stuck in its own
+        code, which would ignore the agent's SIGTERM (a stop request), ends promptly."""
+        try:
+            store = _store(timeout_s=5)
+            if store is not None:
+                store.set(FAILED, str(self.env.rank))
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def explain(self, error: BaseException, timeout_s: float, run_dir: Path) -> BaseException:
+        """A peer failure as one line naming the rank(s) behind, their step and phase; the
+        traceback goes to RUN_DIR/logs. Other errors come back unchanged."""
+        if not any(word in str(error).lower() for word in PEER_TROUBLE):
+            return error
+        log = run_dir / "logs" / f"rank_{self.env.rank}.traceback.txt"
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("".join(traceback.format_exception(error)))
+        except OSError:
+            log = Path("(not written)")
+        me = self.progress
+        others = read_progress(self.env.world_size, exclude=self.env.rank)
+        behind = {r: p for r, p in others.items() if p.position() < me.position()}
+        waited = f"rank {self.env.rank} waited {PHASES[me.phase]} at step {me.step + 1}"
+        if behind:
+            names = "; ".join(f"rank {r} is {p.describe()}" for r, p in sorted(behind.items()))
+            text = f"{names} while {waited} (parallel.timeout_s={timeout_s:g})"
+        elif others:
+            text = (
+                f"every rank reached the same point ({waited}) but the collective did not "
+                f"complete: the network between the workers failed ({error_line(error)})"
+            )
+        else:
+            text = f"{waited}: {error_line(error)}"
+        failure = DistTrainError(f"{text}; traceback in {log}")
+        # Every waiting rank finds the same laggards: the lowest-numbered of them speaks.
+        first_waiting = min(set(range(self.env.world_size)) - set(behind))
+        failure.quiet = self.env.rank != first_waiting  # type: ignore[attr-defined]
+        return failure
+
+
+def error_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(error).__name__
+
+
+def read_progress(world_size: int, exclude: int) -> dict[int, Progress]:
+    """The other ranks' last posted progress (a rank that never posted is left out)."""
+    try:
+        store = _store(timeout_s=5)
+    except Exception:
+        return {}
+    if store is None:
+        return {}
+    found = {}
+    for rank in range(world_size):
+        if rank != exclude and store.check([str(rank)]):
+            step, micro, phase, since = json.loads(store.get(str(rank)))
+            found[rank] = Progress(step, micro, phase, since)
+    return found
+
+
+class StopVote:
+    """Whether any rank holds a stop request, known alike on every rank at the same boundary:
+    a one-number all-reduce posted at the previous boundary on a CPU (gloo) group of its own.
+    It runs while the step computes, and reading its result reads host memory: no wait on the
+    accelerator, unlike a flag riding on the loss all-reduce (which only log steps make)."""
+
+    def __init__(self, request: StopRequest, env: DistEnv) -> None:
+        self.request = request
+        # A group of its own: the vote runs in the background while DDP's and a background
+        # checkpoint's collectives run on theirs, and must never interleave with them.
+        self.group = dist.new_group(backend="gloo") if env.is_distributed else None
+        self._signum = torch.zeros(1, dtype=torch.int32)  # reduced with MAX: the signal number
+        self._value = self._signum.numpy()  # the same memory, read and written without torch
+        self._work: dist.Work | None = None
+
+    def __call__(self) -> int:
+        """The signal number some rank received by the previous boundary (0: keep going), and
+        this rank's vote for the next one posted. Costs one small background all-reduce."""
+        if self.group is None:
+            return self.request.signum
+        decided = 0
+        if self._work is not None:
+            self._work.wait()  # finished long ago: it was posted a whole step earlier
+            decided = int(self._value[0])
+        self._value[0] = self.request.signum
+        self._work = dist.all_reduce(
+            self._signum, op=dist.ReduceOp.MAX, group=self.group, async_op=True
+        )
+        return decided
+
+    def close(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
+
+
+def check_shared_run_dir(run_dir: Path, env: DistEnv) -> None:
+    """Several nodes must share one run directory: rank 0 writes a token there and every rank
+    must read it back. Node-local directories would train to the end and then lose the run
+    in the first save. Collective; nothing stays behind."""
+    if env.local_world_size >= env.world_size:  # one node: one filesystem
+        return
+    token = [secrets.token_hex(8) if env.is_main else ""]
+    dist.broadcast_object_list(token)
+    path = run_dir / f".shared-check-{token[0]}"
+    if env.is_main:
+        path.write_text(token[0])
+    dist.barrier()
+    try:
+        seen = env.is_main or path.read_text() == token[0]
+    except OSError:
+        seen = False
+    views: list[tuple[int, str, bool]] = [(0, "", True)] * env.world_size
+    dist.all_gather_object(views, (env.rank, socket.gethostname(), seen))
+    if env.is_main:
+        path.unlink(missing_ok=True)
+    blind = [(rank, host) for rank, host, ok in views if not ok]
+    if blind:
+        ranks = ", ".join(f"rank {rank} on {host}" for rank, host in blind)
+        error = DistTrainError(
+            f"train.run_dir={str(run_dir)!r}: {ranks} cannot see what rank 0 wrote there; "
+            "every node must reach one shared directory (e.g. on NFS or Lustre) at this path"
+        )
+        error.on_every_rank = True  # type: ignore[attr-defined]
+        raise error
