@@ -20,7 +20,13 @@ import dist_train
 from dist_train.bench import add_bench_parser
 from dist_train.errors import DistTrainError, PeerError
 from dist_train.rundir import OWNER_ENV, RunLock, owned_run_dir, prepare
-from dist_train.signals import EXIT_PREEMPTED, Preempted, StopRequest, Terminated
+from dist_train.signals import (
+    EXIT_PREEMPTED,
+    PREEMPT_SIGNALS,
+    Preempted,
+    StopRequest,
+    Terminated,
+)
 from dist_train.versions import check_torch_version
 
 if TYPE_CHECKING:
@@ -127,8 +133,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if under_torchrun():  # we are a worker: torchrun already decided the world
         return run_worker(cfg)
-    # Until torchrun's agent handles it, SIGUSR1 (SLURM's warning) would kill us silently.
-    signal.signal(signal.SIGUSR1, _raise_terminated)
     lc = _launch_config(args, cfg.parallel.timeout_s)
     check_launch(lc, device_kind(cfg))
     run_dir = Path(cfg.train.run_dir)
@@ -231,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # First thing: a stop signal during start-up (torch's import takes seconds) ends the run
+    # through the exit path below, with the documented status and a line saying so.
+    for signum in PREEMPT_SIGNALS:
+        signal.signal(signum, _raise_terminated)
     parser = build_parser()
     # Overrides may come before or after options: collect stray key=value words too.
     args, extra = parser.parse_known_args(argv)

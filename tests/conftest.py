@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -261,3 +262,24 @@ def assert_same_training(a: dict[str, Any], b: dict[str, Any], rel: float = 1e-5
     assert b["val"] == pytest.approx(a["val"], rel=rel)
     for name, tensor in a["params"].items():
         torch.testing.assert_close(b["params"][name], tensor, rtol=rel, atol=1e-6, msg=name)
+
+
+def leftover_processes(marker: str) -> list[int]:
+    """PIDs whose command line mentions `marker` (a unique run dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_text():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_for_metrics(run_dir: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no metrics before timeout; exit {proc.poll()}")

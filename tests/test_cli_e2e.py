@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, REPO, TESTS, TINY_GPT, cli
+from conftest import CLI, REPO, TESTS, TINY_GPT, cli, leftover_processes, wait_for_metrics
 
 FIELDS = {"step", "loss", "lr", "grad_norm", "samples_per_sec", "tokens_per_sec", "elapsed_sec"}
 RUN = [
@@ -125,27 +125,6 @@ def test_bad_input_is_one_line_exit_2(args: list[str], key: str, tmp_path: Path)
     assert len(lines) == 1 and lines[0].startswith(f"error: {key}="), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
-
-
-def leftover_processes(marker: str) -> list[int]:
-    """PIDs whose command line mentions `marker` (a unique run dir)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and marker in (entry / "cmdline").read_text():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
-def wait_for_metrics(run_dir: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no metrics before timeout; exit {proc.poll()}")
 
 
 def start_endless_two_workers(run_dir: Path) -> subprocess.Popen[str]:

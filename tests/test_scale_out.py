@@ -1,0 +1,210 @@
+"""Preemption, launcher death and stalled ranks, with real processes and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CLI, TESTS, TINY_GPT, cli, leftover_processes, wait_for_metrics
+
+# decay_steps is fixed so that runs of different lengths follow the same schedule step by step.
+RUN = [
+    "configs/quickstart.yaml",
+    *TINY_GPT,
+    "model.dropout=0.1",
+    "optim.decay_steps=400",
+    "log.every_steps=1",
+    "train.eval_every=0",
+    "train.sample_chars=0",
+    "train.global_batch_size=8",
+]
+
+
+def start(run_dir: Path, *args: str) -> subprocess.Popen[str]:
+    """`dist-train train` for 100000 steps in its own session, until a signal stops it."""
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        env.pop(var, None)
+    return subprocess.Popen(
+        [str(CLI), "train", *RUN, *args, "train.max_steps=100000", f"train.run_dir={run_dir}"],
+        cwd=run_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def stop_with(proc: subprocess.Popen[str], run_dir: Path, signum: int) -> tuple[str, float]:
+    """Wait for a few steps, send `signum` to the launcher alone; stderr and seconds to exit."""
+    try:
+        wait_for_metrics(run_dir, proc)
+        while len(losses(run_dir)) < 3:
+            time.sleep(0.05)
+        os.kill(proc.pid, signum)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        return err, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def preempted_at(err: str, signum: int) -> int:
+    line = next(x for x in err.splitlines() if x.startswith("preempted ("))
+    assert line.startswith(f"preempted ({signal.Signals(signum).name}) at step "), line
+    step = int(line.split(" at step ")[1].split(":")[0])
+    assert f"saved {'cut'}/checkpoints/step_{step:07d}" in line.replace(str(Path.cwd()), "")
+    return step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("nproc", "signum", "extra"),
+    [
+        (1, signal.SIGTERM, []),
+        (2, signal.SIGUSR1, ["checkpoint.async_save=true", "checkpoint.every_steps=2"]),
+    ],
+    ids=["1-process-SIGTERM", "2-workers-SIGUSR1-async"],
+)
+def test_stop_signal_saves_at_the_step_reached_and_resume_is_bitwise(
+    tmp_path: Path, nproc: int, signum: int, extra: list[str]
+) -> None:
+    cut = tmp_path / "cut"
+    args = ["--nproc", str(nproc), *extra]
+    err, seconds = stop_with(start(cut, *args), cut, signum)
+    last = err.strip().splitlines()
+    line = next(x for x in last if x.startswith("preempted ("))
+    assert line.startswith(f"preempted ({signal.Signals(signum).name}) at step "), err[-2000:]
+    step = int(line.split(" at step ")[1].split(":")[0])
+    assert f"saved {cut}/checkpoints/step_{step:07d}" in line
+    assert (cut / "checkpoints" / f"step_{step:07d}").is_dir()
+    assert max(losses(cut)) == step  # the partial log interval is written, nothing past it
+    assert "Traceback" not in err
+    print(f"{nproc} worker(s), {signal.Signals(signum).name}: exit {seconds:.2f} s after it")
+    # Continue to a few steps past the stop, and train the same steps in one go: bitwise equal.
+    more = [*args[:2], *extra, f"train.max_steps={step + 4}"]
+    resumed = cli("train", *RUN, *more, f"train.run_dir={cut}", timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {cut}/checkpoints/step_{step:07d}" in resumed.stdout
+    ref = tmp_path / "ref"
+    full = cli("train", *RUN, *more, f"train.run_dir={ref}", timeout=240)
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert losses(cut) == losses(ref)  # exact float equality, every step
+    assert leftover_processes(str(cut)) == []
+
+
+def test_exit_status_of_a_stop_signal(tmp_path: Path) -> None:
+    """The documented status, also for a signal before the first step (nothing to save)."""
+    proc = start(tmp_path / "early", "data.max_chars=1000000")
+    time.sleep(1.0)  # importing torch or building the data: nothing to save yet
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    assert not (tmp_path / "early" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_workers_stop_when_the_launcher_is_killed(tmp_path: Path) -> None:
+    run_dir = tmp_path / "orphans"
+    proc = start(run_dir, "--nproc", "2")
+    try:
+        wait_for_metrics(run_dir, proc)
+        assert len(leftover_processes(str(run_dir))) == 3  # the launcher and two workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        sent = time.monotonic()
+        while leftover_processes(str(run_dir)) and time.monotonic() - sent < 10:
+            time.sleep(0.1)
+        assert leftover_processes(str(run_dir)) == []
+        print(f"workers gone {time.monotonic() - sent:.2f} s after the launcher's kill -9")
+        assert "the launcher (pid" in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        for pid in leftover_processes(str(run_dir)):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_is_named_with_its_step_and_phase(tmp_path: Path) -> None:
+    run_dir = tmp_path / "stall"
+    started = time.monotonic()
+    proc = cli(
+        "train",
+        "configs/mlp_synthetic.yaml",
+        "--nproc",
+        "2",
+        "data._target_=user_plugins.StallOnRankOne",
+        "model._target_=user_plugins.TinyRegressor",
+        "model.kwargs.in_features=8",
+        "parallel.timeout_s=5",
+        "train.max_steps=50",
+        f"train.run_dir={run_dir}",
+        timeout=180,
+    )
+    seconds = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert errors[0].startswith("error: rank 1 is loading data at step 3 (for "), errors
+    assert (
+        "while rank 0 waited in forward/backward (the gradient all-reduce) at step 3" in errors[0]
+    )
+    assert "(parallel.timeout_s=5)" in errors[0]
+    traceback_file = run_dir / "logs" / "rank_0.traceback.txt"
+    assert f"traceback in {traceback_file}" in errors[0]
+    assert "Traceback (most recent call last)" in traceback_file.read_text()
+    assert (
+        errors[1]
+        == "error: worker rank 0 stopped the run with the error above; the other workers were stopped"
+    )
+    assert "Traceback" not in proc.stderr
+    assert leftover_processes(str(run_dir)) == []
+    print(f"stalled rank: the run ended {seconds:.1f} s after the start (timeout 5 s)")
+
+
+def _one_rank_signalled(run_dir: str) -> tuple[int, int, bool]:
+    """Rank 1 alone records SIGUSR1 during step 5; returns (stop step, signal, saved)."""
+    from dist_train.config import load_config
+    from dist_train.env import dist_session, read_env
+    from dist_train.signals import Preempted, StopRequest
+    from dist_train.trainer import build_trainer
+
+    cfg = load_config(None, [*RUN[1:], "train.max_steps=50", f"train.run_dir={run_dir}"])
+    env = read_env("cpu")
+    request = StopRequest()
+    with dist_session(env, timeout_s=60):
+        trainer = build_trainer(cfg, env, request)
+        hook = lambda *_: setattr(request, "signum", signal.SIGUSR1)  # noqa: E731
+        if env.rank == 1:
+            trainer.optimizer.register_step_post_hook(
+                lambda *a: hook() if trainer.state.step == 4 else None
+            )
+        try:
+            trainer.fit()
+        except Preempted as stop:
+            return stop.step, stop.signum, stop.saved is not None
+        finally:
+            trainer.close()
+    raise AssertionError("not stopped")
+
+
+@pytest.mark.distributed
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    from conftest import run_on_ranks
+
+    results = run_on_ranks(_one_rank_signalled, 2, str(tmp_path / "vote"))
+    # Signalled during step 5; its vote is read one boundary later, on both ranks alike.
+    assert results == [(6, signal.SIGUSR1, True), (6, signal.SIGUSR1, True)]
+    assert (tmp_path / "vote" / "checkpoints" / "step_0000006").is_dir()
