@@ -126,7 +126,7 @@ def _launch_config(args: argparse.Namespace, timeout_s: int = 30) -> LaunchConfi
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dist_train.config import load_config
-    from dist_train.env import under_torchrun
+    from dist_train.env import foreign_launch, under_torchrun
     from dist_train.launcher import check_launch, launch
     from dist_train.plan import build_plan, device_kind
 
@@ -135,12 +135,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         return run_worker(cfg)
     lc = _launch_config(args, cfg.parallel.timeout_s)
     check_launch(lc, device_kind(cfg))
+    foreign = foreign_launch(lc.nnodes)
+    if foreign:
+        raise DistTrainError(foreign)
     run_dir = Path(cfg.train.run_dir)
     # The single process, or the launcher of node 0, owns the run directory for the whole run
     # (restarts included) from before it reads it; workers and other nodes are told so.
     with owned_run_dir(run_dir) if lc.node_rank == 0 else nullcontext():
         if lc.world_size == 1:
             prepare(run_dir, _fresh_start(cfg), cfg.train.overwrite, print)
+            print(f"dist-train: 1 process on {device_kind(cfg)} (--nproc N: N workers)", flush=True)
+            if any(var.startswith("ACCELERATE_") for var in os.environ):
+                print(
+                    "note: `accelerate launch` started a single process; for N workers use "
+                    "`accelerate launch --multi_gpu --num_processes N` (CPU too) or --nproc N",
+                    flush=True,
+                )
             return run_worker(cfg, owned=True)
         plan = build_plan(cfg, lc.world_size)  # every config error surfaces here, once
         if plan.resume_step >= cfg.train.max_steps:

@@ -113,3 +113,25 @@ def all_reduce_mean(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= env.world_size
     return tensor
+
+
+def foreign_launch(nnodes: int, environ: Mapping[str, str] = os.environ) -> str | None:
+    """What is wrong when another launcher started this process as one of several without
+    torchrun's variables: each copy would train alone, racing on one run directory. Returns
+    the one-line reason, or None when this process may launch."""
+    counts = {  # a variable that says how many copies were started, per launcher
+        "OMPI_COMM_WORLD_SIZE": "OpenMPI's mpirun",
+        "PMI_SIZE": "an MPI launcher (MPICH, Intel MPI)",
+        "SLURM_STEP_NUM_TASKS": "srun",
+        "WORLD_SIZE": "a launcher that sets RANK and WORLD_SIZE (a PyTorchJob?)",
+    }
+    for var, who in counts.items():
+        value = environ.get(var, "")
+        if value.isdigit() and int(value) > 1 and int(value) != nnodes:
+            return (
+                f"{var}={value}: {who} started {value} copies of dist-train, which would each "
+                f"train alone into one run directory (--nnodes is {nnodes}); start one per node "
+                "with --nnodes, --node-rank and --rdzv-endpoint (see launch/), or one with "
+                "--nproc N on a single machine"
+            )
+    return None

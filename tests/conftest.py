@@ -86,9 +86,10 @@ def cli(
     """The installed `dist-train` script, as a user runs it. By default from an empty temporary
     directory: relative run directories land there, and `configs/NAME.yaml` resolves to the
     shipped config, so no test reads or writes the checkout's own `runs/`."""
-    full_env = {**os.environ, "PYTHONPATH": str(TESTS), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(TESTS)}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
-        full_env.pop(var, None)
+        full_env.pop(var, None)  # inherited ones only: a test may set them on purpose
+    full_env.update(env or {})
     with tempfile.TemporaryDirectory(prefix="dist_train_cwd_") as scratch:
         return subprocess.run(
             [str(CLI), *args],

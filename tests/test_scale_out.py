@@ -208,3 +208,24 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) 
     # Signalled during step 5; its vote is read one boundary later, on both ranks alike.
     assert results == [(6, signal.SIGUSR1, True), (6, signal.SIGUSR1, True)]
     assert (tmp_path / "vote" / "checkpoints" / "step_0000006").is_dir()
+
+
+@pytest.mark.parametrize(
+    "var", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS", "WORLD_SIZE"]
+)
+def test_copies_started_by_another_launcher_are_refused(var: str, tmp_path: Path) -> None:
+    proc = cli("train", *RUN, f"train.run_dir={tmp_path}/run", env={var: "2", "RANK": "1"})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {var}=2: "), proc.stderr
+    assert "--nnodes, --node-rank and --rdzv-endpoint" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_copy_per_node_is_what_multi_node_launches_look_like() -> None:
+    from dist_train.env import foreign_launch
+
+    assert foreign_launch(2, {"SLURM_STEP_NUM_TASKS": "2", "OMPI_COMM_WORLD_SIZE": "2"}) is None
+    assert foreign_launch(1, {"SLURM_STEP_NUM_TASKS": "1", "WORLD_SIZE": "1"}) is None
+    assert foreign_launch(3, {"WORLD_SIZE": "3", "RANK": "2"}) is None
+    assert "started 4 copies" in str(foreign_launch(2, {"SLURM_STEP_NUM_TASKS": "4"}))
