@@ -39,8 +39,8 @@ def run_worker(cfg: RunConfig, owned: bool = False) -> int:
     """One worker's whole life: join the group, train, always leave the group. `owned`: the
     caller (this process, or the launcher of `--nproc N`) holds the run directory; under plain
     torchrun nobody does yet, and rank 0 takes it."""
+    from dist_train.build import build_trainer
     from dist_train.env import dist_session, read_env, under_torchrun
-    from dist_train.trainer import build_trainer
     from dist_train.watch import Progress, Watch, check_shared_run_dir
 
     stop = StopRequest()

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import gc
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_train.checkpoint.checkpointer import Checkpointer, TrainState
-from dist_train.checkpoint.export import init_model
-from dist_train.checkpoint.files import complete_checkpoints, read_manifest, resolve_resume
-from dist_train.config import RunConfig, accumulation_steps, micro_batch_size, save_config
-from dist_train.data import Data, DataSpec, GlobalBatchSampler, build_data
-from dist_train.env import DistEnv, all_agree, all_reduce_mean
+from dist_train.config import RunConfig, accumulation_steps, micro_batch_size
+from dist_train.data import Data, DataSpec, GlobalBatchSampler
+from dist_train.env import DistEnv, all_reduce_mean
 from dist_train.errors import NonFiniteError
-from dist_train.metrics import MetricsLogger, mfu, peak_flops, trim_metrics
-from dist_train.models import build_model
+from dist_train.metrics import MetricsLogger, mfu, peak_flops
 from dist_train.models.gpt import GPT, generate
-from dist_train.optim import build_optimizer, clip_and_measure, decay_horizon, lr_at, set_lr
-from dist_train.parallel import grad_sync, unwrap, wrap_model
+from dist_train.nonfinite import (
+    check_finite_before_save,
+    check_logged_loss,
+    last_good,
+    loss_scale_warning,
+)
+from dist_train.optim import clip_and_measure, lr_at, set_lr
+from dist_train.parallel import grad_sync, unwrap
 from dist_train.precision import Precision
-from dist_train.signals import Preempted, StopRequest
+from dist_train.signals import Preempted
 from dist_train.watch import Progress, StopVote
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -141,26 +143,9 @@ class Trainer:
                 f"train.on_nonfinite=skip: {self._skips_in_a_row} updates in a row had "
                 f"non-finite gradients, the last at step {step + 1} "
                 f"(train.max_nonfinite_skips={self.cfg.train.max_nonfinite_skips}); "
-                + self._last_good()
+                + last_good(self.checkpointer.root)
             )
         return True
-
-    def _last_good(self) -> str:
-        found = complete_checkpoints(self.checkpointer.root)
-        where = f"the newest checkpoint, {found[-1]}, is finite" if found else "nothing was saved"
-        return f"{where}; lower optim.lr, check the data, or clip gradients (optim.grad_clip)"
-
-    def _check_finite_before_save(self) -> None:
-        """Collective, on saving steps only: no checkpoint with a non-finite loss since the last
-        log step, or non-finite weights (any rank's shard), is ever written."""
-        model = unwrap(self.model)
-        local = [getattr(p, "to_local", lambda p=p: p)() for p in model.parameters()]
-        flags = [torch.isfinite(self._interval_loss), *(torch.isfinite(t).all() for t in local)]
-        if not all_agree(bool(torch.stack(flags).all().item()), self.env):
-            raise NonFiniteError(
-                f"train.on_nonfinite: the loss or the weights are not finite at step "
-                f"{self.state.step}; stopped without saving them; " + self._last_good()
-            )
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -231,23 +216,11 @@ class Trainer:
         return True
 
     def _check_logged(self, record: dict[str, Any], last_step: int) -> None:
-        """The logged loss is reduced over ranks, so every rank takes the same decision."""
-        step, loss = record["step"], record["loss"]
-        if loss is not None and not math.isfinite(loss):
-            raise NonFiniteError(
-                f"train.on_nonfinite={self.cfg.train.on_nonfinite}: the training loss is {loss} "
-                f"in steps {last_step + 1}..{step}; stopped without saving it; " + self._last_good()
-            )
-        scale = record.get("loss_scale")
-        if scale is not None and scale < self.cfg.precision.warn_loss_scale:
-            if not self._warned_scale:
-                self.logger.print(
-                    f"warning: the fp16 loss scale fell to {scale:.3g} at step {step} (below "
-                    f"precision.warn_loss_scale={self.cfg.precision.warn_loss_scale:g}): "
-                    f"gradients overflow even unscaled and {record.get('skipped_steps')} steps "
-                    "were skipped; lower optim.lr or use precision.dtype=bf16"
-                )
-            self._warned_scale = True
+        check_logged_loss(record, last_step, self.cfg.train.on_nonfinite, self.checkpointer.root)
+        warning = loss_scale_warning(record, self.cfg.precision.warn_loss_scale)
+        if warning and not self._warned_scale:
+            self.logger.print(warning)
+        self._warned_scale = self._warned_scale or warning is not None
 
     def maybe_evaluate(self, result: FitResult) -> None:
         every, step = self.cfg.train.eval_every, self.state.step
@@ -269,7 +242,13 @@ class Trainer:
 
     def _save(self, blocking: bool) -> None:
         self.progress.enter("checkpoint", self.state.step - 1)
-        self._check_finite_before_save()
+        check_finite_before_save(
+            unwrap(self.model),
+            self._interval_loss,
+            self.env,
+            self.state.step,
+            self.checkpointer.root,
+        )
         self.checkpointer.save(self.state, blocking=blocking)
 
     def _preempted(self, signum: int, norm: torch.Tensor | None, *log: Any) -> Preempted:
@@ -347,103 +326,3 @@ class Trainer:
         text = spec.decode(out[0].tolist())
         self.logger.print(f"--- sample ({chars} characters) ---\n{text}\n---")
         return text
-
-
-def with_schedule_horizon(cfg: RunConfig, saved: dict[str, Any] | None) -> RunConfig:
-    """The config with optim.decay_steps resolved: as set, else the checkpoint's horizon (a
-    resume never re-stretches the schedule), else this run's max_steps. The resolved value is
-    what config.yaml and every manifest record."""
-    if cfg.optim.decay_steps:
-        horizon = cfg.optim.decay_steps
-    elif saved is not None:
-        optim, train = saved["config"]["optim"], saved["config"]["train"]
-        horizon = decay_horizon_from(optim, train)
-    else:
-        horizon = decay_horizon(cfg.optim, cfg.train.max_steps)
-    return replace(cfg, optim=replace(cfg.optim, decay_steps=horizon))
-
-
-def decay_horizon_from(optim: dict[str, Any], train: dict[str, Any]) -> int:
-    """A manifest's horizon (manifests written before decay_steps existed used max_steps)."""
-    return int(optim.get("decay_steps") or train["max_steps"])
-
-
-def resume_notes(cfg: RunConfig, saved: dict[str, Any]) -> list[str]:
-    """One line for each setting that a resume continues differently than a user may expect."""
-    notes = []
-    if cfg.optim.schedule == "cosine" and cfg.optim.decay_steps < cfg.train.max_steps:
-        notes.append(
-            f"lr schedule: the cosine keeps its horizon of {cfg.optim.decay_steps} steps "
-            f"(train.max_steps is now {cfg.train.max_steps}): steps after it run at "
-            f"optim.min_lr={cfg.optim.min_lr:g}; set optim.decay_steps to choose another"
-        )
-    before = saved["config"]["precision"]["dtype"]
-    if before != cfg.precision.dtype:
-        notes.append(
-            f"precision.dtype: {before} -> {cfg.precision.dtype}"
-            + ("; fp16 starts a fresh loss scaler" if cfg.precision.dtype == "fp16" else "")
-        )
-    return notes
-
-
-def build_trainer(
-    cfg: RunConfig,
-    env: DistEnv,
-    stop: StopRequest | None = None,
-    progress: Progress | None = None,
-) -> Trainer:
-    """Data, model (same init on every rank), optimizer, logger; writes the resolved config.
-    The caller owns the run directory (see `dist_train.rundir`); `stop` receives its signals
-    and `progress` is what its peers read when one of them waits in vain."""
-    accumulation_steps(cfg, env.world_size)  # fail on a bad batch split before touching anything
-    data = build_data(cfg)
-    resume_from = resolve_resume(cfg)
-    saved = read_manifest(resume_from) if resume_from is not None else None
-    cfg = with_schedule_horizon(cfg, saved)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, data.spec)
-    init_model(model, None if resume_from else cfg.model.init_from, list(cfg.model.freeze))
-    if cfg.train.compile:
-        # In place (module.compile), so parameter names and checkpoints stay the same; per
-        # block where the model has blocks, which is also what FSDP2 shards.
-        for unit in getattr(model, "fsdp_units", lambda: [model])():
-            unit.compile()
-    model = wrap_model(model, cfg.parallel, cfg.precision, env)
-    # Different dropout masks per rank, reproducible per rank.
-    torch.manual_seed(cfg.train.seed + env.rank)
-    optimizer = build_optimizer(cfg.optim, model)
-    precision = Precision(cfg.precision, env.device)
-    checkpointer = Checkpointer(cfg, env, model, optimizer, precision)
-    vote = StopVote(stop or StopRequest(), env)
-    state = TrainState()
-    if resume_from is not None:  # before anything is written: a bad checkpoint touches nothing
-        checkpointer.load(resume_from, state)
-        checkpointer.check_verified()  # its checksums, hashed from the page cache after the load
-    run_dir, moved = Path(cfg.train.run_dir), 0
-    if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        # One lineage: records past the resumed step belong to the attempt that was cut short.
-        moved = trim_metrics(run_dir, state.step)
-    logger = MetricsLogger(run_dir if env.is_main else None, cfg.log, cfg.train.max_steps)
-    if env.is_main and moved:
-        logger.print(
-            f"metrics.jsonl: moved {moved} record(s) after step {state.step} (from the "
-            "interrupted attempt) to metrics.discarded.jsonl"
-        )
-    if resume_from is not None and saved is not None:
-        logger.print(f"resumed from {resume_from} at step {state.step}")
-        for note in resume_notes(cfg, saved):
-            logger.print(f"note: {note}")
-    return Trainer(
-        cfg,
-        env,
-        data,
-        model,
-        optimizer,
-        precision,
-        checkpointer,
-        state,
-        logger,
-        vote,
-        progress or Progress(),
-    )

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_train.build import build_trainer
 from dist_train.config import ParallelConfig, PrecisionConfig, load_config
 from dist_train.env import read_env
 from dist_train.errors import ConfigError
 from dist_train.models.simple import MLP
 from dist_train.parallel import resolve_strategy, wrap_model
-from dist_train.trainer import build_trainer
 
 from conftest import (
     EXACT_RUN,

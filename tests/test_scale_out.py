@@ -176,10 +176,10 @@ def test_a_stalled_rank_is_named_with_its_step_and_phase(tmp_path: Path) -> None
 
 def _one_rank_signalled(run_dir: str) -> tuple[int, int, bool]:
     """Rank 1 alone records SIGUSR1 during step 5; returns (stop step, signal, saved)."""
+    from dist_train.build import build_trainer
     from dist_train.config import load_config
     from dist_train.env import dist_session, read_env
     from dist_train.signals import Preempted, StopRequest
-    from dist_train.trainer import build_trainer
 
     cfg = load_config(None, [*RUN[1:], "train.max_steps=50", f"train.run_dir={run_dir}"])
     env = read_env("cpu")

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.overrides import TorchFunctionMode
 
+from dist_train.build import build_trainer
 from dist_train.config import RunConfig, accumulation_steps, micro_batch_size
 from dist_train.data import Data, GlobalBatchSampler
 from dist_train.env import DistEnv
@@ -23,7 +24,7 @@ from dist_train.models import build_model
 from dist_train.optim import decay_horizon, lr_at
 from dist_train.parallel import resolve_strategy, unwrap
 from dist_train.precision import DTYPES
-from dist_train.trainer import Trainer, build_trainer
+from dist_train.trainer import Trainer
 
 
 def check_plain_ddp(cfg: RunConfig, nproc: int) -> None:

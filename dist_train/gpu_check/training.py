@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from dist_train.build import build_trainer
 from dist_train.config import RunConfig
 from dist_train.data import DataSpec
 from dist_train.env import dist_session, read_env
 from dist_train.parallel import unwrap
-from dist_train.trainer import Trainer, build_trainer
+from dist_train.trainer import Trainer
 
 
 class StopTraining(Exception):
