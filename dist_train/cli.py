@@ -59,6 +59,8 @@ def run_worker(cfg: RunConfig, owned: bool = False) -> int:
                 stop.arm()  # from here a stop signal saves at the next step boundary
                 trainer.fit()
             finally:
+                if watch is not None:
+                    watch.leaving = True  # closing (an async save may finish): not stuck
                 trainer.close()
     except RuntimeError as e:  # a peer that timed out or went away: name it, not our traceback
         if watch is None:

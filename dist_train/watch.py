@@ -78,6 +78,7 @@ class Watch:
     def __init__(self, env: DistEnv) -> None:
         self.env, self.progress = env, Progress()
         self._parent = os.getppid()
+        self.leaving = False  # set once this rank's loop has ended, however: never cut short
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dist-train-watch", daemon=True)
         self._thread.start()
@@ -102,10 +103,24 @@ class Watch:
                 if now != posted:
                     store.set(str(self.env.rank), json.dumps(now))
                     posted = now
-                if store.check([FAILED]) and self._stop.wait(FAILED_GRACE_S) is False:
-                    os._exit(1)  # a peer failed and said why; this rank is stuck: end it
+                if not self.leaving and store.check([FAILED]):
+                    self._end_if_stuck()
             except Exception:  # the store is gone (the run is ending): nothing left to post
                 return
+
+    def _end_if_stuck(self) -> None:
+        """A peer failed and said why. This rank gets a moment to fail on its own; if its loop
+        is still where it was, it is stuck (in its own code: the agent's SIGTERM would only ask
+        it to stop at a step boundary it never reaches) and ends here."""
+        if self._stop.wait(FAILED_GRACE_S) or self.leaving:
+            return
+        print(
+            f"dist-train: rank {self.env.rank}: another rank failed while this one was "
+            f"{self.progress.describe()}; stopping it",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
 
     def failed(self) -> None:
         """Tell the other ranks this one failed (and printed why): a rank stuck in its own
