@@ -22,7 +22,7 @@ from dist_train.parallel import wrap_model
 from dist_train.precision import Precision
 from dist_train.signals import StopRequest
 from dist_train.trainer import Trainer
-from dist_train.watch import Progress, StopVote
+from dist_train.watch import Progress
 
 
 def with_schedule_horizon(cfg: RunConfig, saved: dict[str, Any] | None) -> RunConfig:
@@ -90,7 +90,6 @@ def build_trainer(
     optimizer = build_optimizer(cfg.optim, model)
     precision = Precision(cfg.precision, env.device)
     checkpointer = Checkpointer(cfg, env, model, optimizer, precision)
-    vote = StopVote(stop or StopRequest(), env)
     state = TrainState()
     if resume_from is not None:  # before anything is written: a bad checkpoint touches nothing
         checkpointer.load(resume_from, state)
@@ -120,6 +119,6 @@ def build_trainer(
         checkpointer,
         state,
         logger,
-        vote,
+        stop or StopRequest(),
         progress or Progress(),
     )

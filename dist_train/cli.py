@@ -56,7 +56,7 @@ def run_worker(cfg: RunConfig, owned: bool = False) -> int:
             check_shared_run_dir(Path(cfg.train.run_dir), env)
             trainer = build_trainer(cfg, env, stop, watch.progress if watch else Progress())
             try:
-                stop.arm()  # from here a stop signal saves at the next step boundary
+                stop.arm()  # from here a stop signal saves at the next log step
                 trainer.fit()
             finally:
                 if watch is not None:

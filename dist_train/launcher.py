@@ -77,7 +77,7 @@ def torchrun_argv(launch: LaunchConfig, worker_args: list[str], log_dir: Path) -
         f"--max-restarts={launch.max_restarts}",
         f"--log-dir={log_dir}",
         f"--shutdown-timeout={launch.shutdown_timeout_s}",
-        # The agent forwards these to the workers, which save at the next step boundary;
+        # The agent forwards these to the workers, which save at the next log step;
         # SIGUSR1 is SLURM's warning ahead of a time limit (`#SBATCH --signal=USR1@120`).
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
     ]

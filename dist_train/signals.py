@@ -1,8 +1,8 @@
-"""Preemption: SIGTERM or SIGUSR1 (SLURM's warning ahead of a time limit) ends a run at a step
-boundary, on every rank at the same step, after one checkpoint; the exit status is 143.
+"""Preemption: SIGTERM or SIGUSR1 (SLURM's warning ahead of a time limit) ends a run at the
+next log step, on every rank at the same step, after one checkpoint; the exit status is 143.
 
-The handler only records the signal; `dist_train.watch.StopVote` makes every rank see it at
-the same step. No torch here: the CLI installs the handlers before it imports torch.
+The handler only records the signal; the loss all-reduce of the next log step tells every
+rank (`Trainer.maybe_log`). No torch here: the CLI installs the handlers before torch loads.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Preempted(BaseException):
 
 class StopRequest:
     """Records SIGTERM/SIGUSR1. Before `arm()` (start-up: nothing to save yet) a signal stops
-    the process at once; after it, the loop stops at the next step boundary. A repeated
+    the process at once; after it, the loop stops at the next log step. A repeated
     signal changes nothing: schedulers and torchrun's agent may both deliver one."""
 
     def __init__(self) -> None:

@@ -29,8 +29,8 @@ from dist_train.nonfinite import (
 from dist_train.optim import clip_and_measure, lr_at, set_lr
 from dist_train.parallel import grad_sync, unwrap
 from dist_train.precision import Precision
-from dist_train.signals import Preempted
-from dist_train.watch import Progress, StopVote
+from dist_train.signals import Preempted, StopRequest
+from dist_train.watch import Progress
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -62,7 +62,7 @@ class Trainer:
         checkpointer: Checkpointer,
         state: TrainState,
         logger: MetricsLogger,
-        stop: StopVote,
+        stop: StopRequest,
         progress: Progress,
     ) -> None:
         self.cfg, self.env, self.data, self.model = cfg, env, data, model
@@ -83,6 +83,7 @@ class Trainer:
         self.skip_nonfinite = cfg.train.on_nonfinite == "skip"
         self.nonfinite_skips, self._skips_in_a_row, self._interval_skips = 0, 0, 0
         self._warned_scale = False
+        self.stopping = False  # some rank was asked to stop: known alike on all at log steps
 
     def _to_device(
         self, indices: torch.Tensor, dataset: object
@@ -177,15 +178,20 @@ class Trainer:
         interval: tuple[int, float],
         result: FitResult,
         start: float,
-        force: bool = False,
     ) -> bool:
-        """At log steps: reduce the interval's loss over ranks (every rank joins) and write."""
+        """At log steps: reduce the interval's loss over ranks (every rank joins) and write.
+        The same all-reduce carries whether any rank was asked to stop (SIGTERM/SIGUSR1), so
+        all ranks stop at the same step at no cost to the steps in between."""
         step, (last_step, last_time) = self.state.step, interval
-        if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps and not force:
+        if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps:
             return False
         self.progress.enter("log", step - 1)
         applied = step - last_step - self._interval_skips  # on_nonfinite=skip drops some
-        total = all_reduce_mean(self._interval_loss, self.env).item()
+        asked = torch.full((), 1.0 if self.stop.signum else 0.0, device=self.env.device)
+        total, anyone = all_reduce_mean(
+            torch.stack([self._interval_loss, asked]), self.env
+        ).tolist()
+        self.stopping = anyone > 0
         loss = total / applied if applied else None  # None: every update was skipped
         self._interval_loss.zero_()
         self._interval_skips = 0
@@ -251,11 +257,9 @@ class Trainer:
         )
         self.checkpointer.save(self.state, blocking=blocking)
 
-    def _preempted(self, signum: int, norm: torch.Tensor | None, *log: Any) -> Preempted:
-        """Every rank, at the same step: log the partial interval, save (unless this step's
-        save is already under way: then finish it) and report."""
-        if self.state.step % self.cfg.log.every_steps:
-            self.maybe_log(norm, *log, force=True)
+    def _preempted(self) -> Preempted:
+        """Every rank, at the same (log) step: save, unless this step's save is already under
+        way (then finish it), and report."""
         saved = None
         if self.cfg.checkpoint.enabled:
             if self.checkpointer.saved_step == self.state.step:
@@ -263,7 +267,7 @@ class Trainer:
             else:
                 self._save(blocking=True)
             saved = str(self.checkpointer.root / f"step_{self.state.step:07d}")
-        return Preempted(signum, self.state.step, saved)
+        return Preempted(self.stop.signum, self.state.step, saved)
 
     def fit(self) -> FitResult:
         result = FitResult()
@@ -283,13 +287,12 @@ class Trainer:
             norm = self.train_step(step, measure_norm=logging_now)
             self.state.step += 1
             self.state.samples_seen += self.cfg.train.global_batch_size
-            stop = self.stop()  # every rank learns the same answer at the same step
             if self.maybe_log(norm, interval, result, start):
                 interval = (self.state.step, time.perf_counter())
             self.logger.bar(self.state.step, result.losses.get(max(result.losses, default=-1)))
             self.maybe_checkpoint()  # before evaluation: work is safe as early as possible
-            if stop and self.state.step < self.cfg.train.max_steps:
-                raise self._preempted(stop, norm, interval, result, start)
+            if self.stopping and self.state.step < self.cfg.train.max_steps:
+                raise self._preempted()
             self.maybe_evaluate(result)
         result.sample = self.maybe_sample()
         last = result.losses.get(self.state.step)
@@ -306,7 +309,6 @@ class Trainer:
         """Release the DDP wrapper before the process group goes: destroying a gloo group while
         a DDP reducer still holds it aborts the process now and then (torch 2.13)."""
         self.logger.close()
-        self.stop.close()
         self.checkpointer.close()
         self.model = unwrap(self.model)
         gc.collect()  # DDP's hooks form reference cycles; free it now, not at exit

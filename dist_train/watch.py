@@ -1,7 +1,7 @@
 """Each worker's progress where its peers can read it, so that a collective that times out
 names the rank that did not arrive (and its step and phase) instead of the waiting rank's
 gloo traceback; a worker whose launcher died stops instead of training on unsupervised; and
-every rank learns at the same step boundary whether any rank was asked to stop (preemption).
+a multi-node run checks that every node sees the one run directory.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from dist_train.env import DistEnv, restart_count
 from dist_train.errors import DistTrainError
-from dist_train.signals import StopRequest
 
 PHASES = {  # in the order a step goes through them
     "start-up": "starting up",
@@ -111,7 +109,7 @@ class Watch:
     def _end_if_stuck(self) -> None:
         """A peer failed and said why. This rank gets a moment to fail on its own; if its loop
         is still where it was, it is stuck (in its own code: the agent's SIGTERM would only ask
-        it to stop at a step boundary it never reaches) and ends here."""
+        it to stop at a log step it never reaches) and ends here."""
         if self._stop.wait(FAILED_GRACE_S) or self.leaving:
             return
         print(
@@ -186,45 +184,6 @@ def read_progress(world_size: int, exclude: int) -> dict[int, Progress]:
             step, micro, phase, since = json.loads(store.get(str(rank)))
             found[rank] = Progress(step, micro, phase, since)
     return found
-
-
-class StopVote:
-    """Whether any rank holds a stop request, known alike on every rank at the same boundary:
-    a one-number all-reduce posted at the previous boundary on a CPU (gloo) group of its own.
-    It runs while the step computes, and reading its result reads host memory: no wait on the
-    accelerator, unlike a flag riding on the loss all-reduce (which only log steps make)."""
-
-    def __init__(self, request: StopRequest, env: DistEnv) -> None:
-        self.request = request
-        # A group of its own: the vote runs in the background while DDP's and a background
-        # checkpoint's collectives run on theirs, and must never interleave with them.
-        self.group = dist.new_group(backend="gloo") if env.is_distributed else None
-        self._signum = torch.zeros(1, dtype=torch.int32)  # reduced with MAX: the signal number
-        self._value = self._signum.numpy()  # the same memory, read and written without torch
-        self._work: dist.Work | None = None
-
-    def __call__(self) -> int:
-        """The signal number some rank received by the previous boundary (0: keep going), and
-        this rank's vote for the next one posted. Costs one small background all-reduce."""
-        if self.group is None:
-            return self.request.signum
-        decided = 0
-        if self._work is not None:
-            self._work.wait()  # finished long ago: it was posted a whole step earlier
-            decided = int(self._value[0])
-        self._value[0] = self.request.signum
-        self._work = dist.all_reduce(
-            self._signum, op=dist.ReduceOp.MAX, group=self.group, async_op=True
-        )
-        return decided
-
-    def close(self) -> None:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-        if self.group is not None:
-            dist.destroy_process_group(self.group)
-            self.group = None
 
 
 def check_shared_run_dir(run_dir: Path, env: DistEnv) -> None:

@@ -181,7 +181,8 @@ def _one_rank_signalled(run_dir: str) -> tuple[int, int, bool]:
     from dist_train.env import dist_session, read_env
     from dist_train.signals import Preempted, StopRequest
 
-    cfg = load_config(None, [*RUN[1:], "train.max_steps=50", f"train.run_dir={run_dir}"])
+    overrides = [*RUN[1:], "log.every_steps=3", "train.max_steps=50", f"train.run_dir={run_dir}"]
+    cfg = load_config(None, overrides)
     env = read_env("cpu")
     request = StopRequest()
     with dist_session(env, timeout_s=60):
@@ -205,8 +206,9 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) 
     from conftest import run_on_ranks
 
     results = run_on_ranks(_one_rank_signalled, 2, str(tmp_path / "vote"))
-    # Signalled during step 5; its vote is read one boundary later, on both ranks alike.
-    assert results == [(6, signal.SIGUSR1, True), (6, signal.SIGUSR1, True)]
+    # Signalled during step 5; the next log step (every 3) tells both ranks alike. Rank 0 was
+    # not signalled itself: it reports signal 0 ("a stop signal").
+    assert results == [(6, 0, True), (6, signal.SIGUSR1, True)]
     assert (tmp_path / "vote" / "checkpoints" / "step_0000006").is_dir()
 
 

@@ -47,8 +47,8 @@ def check_plain_ddp(cfg: RunConfig, nproc: int) -> None:
 
 
 class FrameworkLoop:
-    """The real thing: `Trainer.train_step` and the stop vote, exactly as `fit` calls them on a
-    step that does not log (`measure_norm=False`)."""
+    """The real thing: `Trainer.train_step` exactly as `fit` calls it on a step that does not
+    log (`measure_norm=False`)."""
 
     def __init__(self, cfg: RunConfig, env: DistEnv) -> None:
         self.trainer: Trainer = build_trainer(cfg, env)
@@ -62,7 +62,6 @@ class FrameworkLoop:
     def run(self, steps: int) -> None:
         for _ in range(steps):
             self.trainer.train_step(self.step, measure_norm=False)
-            self.trainer.stop()  # the stop-signal vote every step makes
             self.step += 1
 
     def parameters(self) -> list[torch.Tensor]:

@@ -1,0 +1,58 @@
+"""Which local address and interface reach the rendezvous endpoint: gloo and NCCL otherwise
+bind to whatever the hostname resolves to (127.0.1.1 on Ubuntu-style hosts files), and the
+peers of another node get "connection refused"."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+
+from dist_train.errors import ConfigError
+
+SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
+IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def local_addr_to(endpoint: str) -> str:
+    """The source address this machine uses to reach HOST:PORT (a UDP "connect" only looks up
+    the route: nothing is sent)."""
+    host, port = split_endpoint(endpoint)
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(sockaddr)
+            return str(s.getsockname()[0])
+    except OSError as e:
+        raise ConfigError(
+            "--rdzv-endpoint",
+            endpoint,
+            f"cannot reach {host} from this machine ({e.strerror or e}); use node 0's address "
+            "as the other nodes see it",
+        ) from None
+
+
+def _ipv4_of(ifname: str) -> str | None:
+    import fcntl
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            request = struct.pack("256s", ifname.encode()[:15])
+            return socket.inet_ntoa(fcntl.ioctl(s.fileno(), SIOCGIFADDR, request)[20:24])
+        except OSError:  # no IPv4 address on it
+            return None
+
+
+def interface_of(addr: str) -> str | None:
+    """The interface holding `addr` (Linux, IPv4); None elsewhere or when none does."""
+    if not sys.platform.startswith("linux") or ":" in addr:
+        return None
+    for _, name in socket.if_nameindex():
+        if _ipv4_of(name) == addr:
+            return name
+    return None
