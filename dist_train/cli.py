@@ -119,6 +119,7 @@ def _launch_config(args: argparse.Namespace, timeout_s: int = 30) -> LaunchConfi
         node_rank=args.node_rank,
         rdzv_endpoint=args.rdzv_endpoint,
         rdzv_id=args.rdzv_id,
+        rdzv_timeout_s=args.rdzv_timeout,
         max_restarts=getattr(args, "max_restarts", 0),
         # After a stop signal the agent waits this long for the workers' checkpoint before it
         # kills them; healthy workers exit as soon as it is written.
@@ -211,6 +212,12 @@ def _add_run_args(p: argparse.ArgumentParser, *, restarts: bool) -> None:
     )
     p.add_argument("--rdzv-endpoint", default=None, help="host:port of the rendezvous (multi-node)")
     p.add_argument("--rdzv-id", default="dist_train", help="same on every node of one job")
+    p.add_argument(
+        "--rdzv-timeout",
+        type=int,
+        default=600,
+        help="seconds the nodes wait for each other at the start (default 600)",
+    )
     if restarts:
         p.add_argument(
             "--max-restarts",

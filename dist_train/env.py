@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,10 @@ class DistEnv:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+
+def environ_flag(name: str, environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get(name, "").lower() in ("1", "true")
 
 
 def under_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
@@ -92,7 +97,18 @@ def dist_session(env: DistEnv, timeout_s: float = 600.0) -> Iterator[None]:
         torch.cuda.set_device(env.device)
     if env.is_distributed and not dist.is_initialized():
         # device_id binds NCCL to this rank's GPU eagerly; gloo ignores it.
-        kwargs = {"device_id": env.device} if env.backend == "nccl" else {}
+        kwargs: dict[str, Any] = {"device_id": env.device} if env.backend == "nccl" else {}
+        if environ_flag("TORCHELASTIC_USE_AGENT_STORE"):
+            # The agent's store outlives a restart of the worker group (torchrun's static
+            # rendezvous keeps one for the whole launch): each attempt gets its own keys, or
+            # a restarted group would read the previous attempt's addresses.
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                is_master=False,
+                timeout=timedelta(seconds=timeout_s),
+            )
+            kwargs["store"] = dist.PrefixStore(f"dist_train/attempt_{restart_count()}", store)
         dist.init_process_group(
             env.backend,
             rank=env.rank,

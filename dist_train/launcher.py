@@ -8,7 +8,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from dist_train.checkpoint.state import first_line
 from dist_train.errors import ConfigError
+from dist_train.network import IFNAME_VARS, interface_of, local_addr_to
 from dist_train.signals import EXIT_PREEMPTED, PREEMPT_SIGNALS
 
 
@@ -21,6 +23,7 @@ class LaunchConfig:
     rdzv_id: str = "dist_train"
     max_restarts: int = 0  # torchrun restarts the whole worker group this often after a failure
     shutdown_timeout_s: int = 30  # after a stop signal, how long the workers may take to save
+    rdzv_timeout_s: int = 600  # how long the nodes wait for each other at the start
 
     @property
     def world_size(self) -> int:
@@ -59,6 +62,8 @@ def check_launch(launch: LaunchConfig, device: str) -> None:
         check_endpoint(launch.rdzv_endpoint)
     if not 0 <= launch.node_rank < launch.nnodes:
         raise ConfigError("--node-rank", launch.node_rank, f"expected 0..{launch.nnodes - 1}")
+    if launch.rdzv_timeout_s < 1:
+        raise ConfigError("--rdzv-timeout", launch.rdzv_timeout_s, "must be >= 1 (seconds)")
 
 
 def check_endpoint(endpoint: str) -> None:
@@ -84,12 +89,17 @@ def torchrun_argv(launch: LaunchConfig, worker_args: list[str], log_dir: Path) -
     if launch.nnodes == 1 and not launch.rdzv_endpoint:
         argv.append("--standalone")  # local rendezvous on a free port
     else:
+        # A fixed set of nodes, each told its rank: torchrun's static rendezvous. Node 0 hosts
+        # the store (c10d's dynamic one hosts it only where the endpoint is this machine's
+        # hostname) and holds global rank 0 (c10d orders nodes by address); and a node whose
+        # peer vanished exits instead of waiting ~15 minutes in c10d's store.
         argv += [
             f"--nnodes={launch.nnodes}",
             f"--node-rank={launch.node_rank}",
-            "--rdzv-backend=c10d",
+            "--rdzv-backend=static",
             f"--rdzv-endpoint={launch.rdzv_endpoint}",
             f"--rdzv-id={launch.rdzv_id}",
+            f"--rdzv-conf=timeout={launch.rdzv_timeout_s}",
         ]
     return [*argv, "--module", "dist_train", *worker_args]
 
@@ -133,8 +143,37 @@ def how_it_ended(exitcode: int) -> str:
     return f"was killed by {name}{hint}, so it printed nothing"
 
 
+def join_nodes(launch: LaunchConfig) -> None:
+    """Before the rendezvous: make gloo and NCCL use the interface that reaches the endpoint
+    (unless the user chose one), and say what this node waits for."""
+    endpoint = str(launch.rdzv_endpoint)
+    addr = local_addr_to(endpoint)
+    chosen = [f"{var}={os.environ[var]}" for var in IFNAME_VARS if var in os.environ]
+    if not chosen:
+        if addr.startswith("127.") or addr == "::1":
+            raise ConfigError(
+                "--rdzv-endpoint",
+                endpoint,
+                f"reaches {addr} (loopback) from this machine, which other nodes cannot use: "
+                "give node 0's address as the other nodes see it, or set GLOO_SOCKET_IFNAME "
+                "(NCCL_SOCKET_IFNAME) to the interface they reach",
+            )
+        ifname = interface_of(addr)
+        if ifname is not None:
+            for var in IFNAME_VARS:
+                os.environ[var] = ifname
+            chosen = [f"{var}={ifname}" for var in IFNAME_VARS]
+    print(
+        f"dist-train: node {launch.node_rank} of {launch.nnodes} ({addr}; "
+        f"{', '.join(chosen) or 'interface: the default'}): waiting up to "
+        f"{launch.rdzv_timeout_s} s (--rdzv-timeout) for all {launch.nnodes} nodes at {endpoint}",
+        flush=True,
+    )
+
+
 def launch(launch: LaunchConfig, worker_args: list[str], run_dir: str | Path) -> int:
     """Run the workers and wait; returns the exit status to use (a worker's own on failure)."""
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -142,8 +181,18 @@ def launch(launch: LaunchConfig, worker_args: list[str], run_dir: str | Path) ->
     # Split the cores between local workers unless the user chose (torchrun would pick 1).
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(launch.nproc)))
     log_dir = agent_log_dir(run_dir)
+    if launch.nnodes > 1:
+        join_nodes(launch)
     try:
         run(parse_args(torchrun_argv(launch, worker_args, log_dir)))
+    except DistError as e:  # the rendezvous: a node that never came, an unreachable endpoint
+        raise ConfigError(
+            "--rdzv-endpoint",
+            launch.rdzv_endpoint,
+            f"the {launch.nnodes} nodes did not all meet within --rdzv-timeout="
+            f"{launch.rdzv_timeout_s} s ({first_line(e)}); start the same command on every "
+            f"node with --node-rank 0..{launch.nnodes - 1}, node 0's address as the endpoint",
+        ) from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()  # the root cause; the others were stopped after it
         print(

@@ -231,3 +231,39 @@ def test_one_copy_per_node_is_what_multi_node_launches_look_like() -> None:
     assert foreign_launch(1, {"SLURM_STEP_NUM_TASKS": "1", "WORLD_SIZE": "1"}) is None
     assert foreign_launch(3, {"WORLD_SIZE": "3", "RANK": "2"}) is None
     assert "started 4 copies" in str(foreign_launch(2, {"SLURM_STEP_NUM_TASKS": "4"}))
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_and_the_group_resumes(tmp_path: Path) -> None:
+    """--max-restarts: a worker's kill -9 restarts the group, which resumes from the newest
+    checkpoint (each attempt on its own keys in the agent's store); SIGTERM then still saves."""
+    run_dir = tmp_path / "restart"
+    proc = start(run_dir, "--nproc", "2", "--max-restarts", "1", "checkpoint.every_steps=5")
+    try:
+        wait_for_metrics(run_dir, proc)
+        while max(losses(run_dir), default=0) < 12:
+            time.sleep(0.05)
+        workers = [pid for pid in leftover_processes(str(run_dir)) if pid != proc.pid]
+        os.kill(max(workers), signal.SIGKILL)
+        killed = time.monotonic()
+        discarded = run_dir / "metrics.discarded.jsonl"
+        while time.monotonic() - killed < 120 and proc.poll() is None:
+            if discarded.exists():
+                lost = [json.loads(x)["step"] for x in discarded.read_text().splitlines()]
+                resumed = min(lost) - 1
+                if resumed + 1 in losses(run_dir):
+                    break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"no step after the restart; exit {proc.poll()}")
+        seconds = time.monotonic() - killed
+        assert resumed % 5 == 0 and resumed >= 10  # the newest periodic checkpoint
+        print(f"kill -9 to the next completed step: {seconds:.1f} s, {max(lost) - resumed} lost")
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-2000:]
+    assert f"resumed from {run_dir}/checkpoints/step_{resumed:07d}" in out
+    assert leftover_processes(str(run_dir)) == []
