@@ -118,12 +118,13 @@ def remove_empty_dirs(root: Path) -> None:
     """Drop the agent's folders that hold no file (a healthy launch leaves only empty ones)."""
     if not root.is_dir():
         return
-    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-    for path in (root, root.parent):
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+    paths = sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+    for path in [*paths, root, root.parent]:
+        try:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        except OSError:  # another node's launcher, sharing the run directory, got there first
+            continue
 
 
 def how_it_ended(exitcode: int) -> str:

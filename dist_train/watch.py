@@ -34,6 +34,7 @@ PHASES = {  # in the order a step goes through them
 }
 POST_EVERY_S = 0.5
 FAILED = "failed"  # store key: some rank failed; the others must not linger
+SILENT_S = 3.0  # no post for this long: the rank (or the way to it) is gone
 FAILED_GRACE_S = 3.0  # time for a rank to fail on its own (and say why) before it is ended
 # What gloo and NCCL say when a peer does not answer in time or went away.
 PEER_TROUBLE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
@@ -47,6 +48,7 @@ class Progress:
     micro: int = 0
     phase: str = "start-up"
     since: float = field(default_factory=time.time)
+    posted: float = 0.0  # when its rank last posted it (a heartbeat: it posts twice a second)
 
     def enter(self, phase: str, step: int, micro: int = 0) -> None:
         self.phase, self.step, self.micro, self.since = phase, step, micro, time.time()
@@ -82,7 +84,7 @@ class Watch:
         self._thread.start()
 
     def _run(self) -> None:
-        store, posted = None, None
+        store = None
         while not self._stop.wait(POST_EVERY_S):
             if os.getppid() != self._parent:  # re-parented: the launcher was killed
                 print(
@@ -93,14 +95,13 @@ class Watch:
                 )
                 os._exit(1)
             p = self.progress
-            now = (p.step, p.micro, p.phase, p.since)
             try:
                 store = store or _store(timeout_s=10)
                 if store is None:
                     return
-                if now != posted:
-                    store.set(str(self.env.rank), json.dumps(now))
-                    posted = now
+                store.set(
+                    str(self.env.rank), json.dumps([p.step, p.micro, p.phase, p.since, time.time()])
+                )
                 if not self.leaving and store.check([FAILED]):
                     self._end_if_stuck()
             except Exception:  # the store is gone (the run is ending): nothing left to post
@@ -144,23 +145,36 @@ class Watch:
             log.write_text("".join(traceback.format_exception(error)))
         except OSError:
             log = Path("(not written)")
-        me = self.progress
+        me, now = self.progress, time.time()
         others = read_progress(self.env.world_size, exclude=self.env.rank)
-        behind = {r: p for r, p in others.items() if p.position() < me.position()}
+        silent = {r: p for r, p in others.items() if now - p.posted > SILENT_S}
+        behind = {
+            r: p for r, p in others.items() if r not in silent and p.position() < me.position()
+        }
         waited = f"rank {self.env.rank} waited {PHASES[me.phase]} at step {me.step + 1}"
-        if behind:
-            names = "; ".join(f"rank {r} is {p.describe()}" for r, p in sorted(behind.items()))
-            text = f"{names} while {waited} (parallel.timeout_s={timeout_s:g})"
+        names = [
+            f"rank {r} has not been heard from for {now - p.posted:.0f} s (its process, its "
+            "node or the network to it is gone)"
+            for r, p in sorted(silent.items())
+        ] + [f"rank {r} is {p.describe()}" for r, p in sorted(behind.items())]
+        if names:
+            text = f"{'; '.join(names)} while {waited} (parallel.timeout_s={timeout_s:g})"
         elif others:
             text = (
                 f"every rank reached the same point ({waited}) but the collective did not "
                 f"complete: the network between the workers failed ({error_line(error)})"
             )
-        else:
-            text = f"{waited}: {error_line(error)}"
+        else:  # not even the store (on node 0) answers: this node is cut off
+            text = (
+                f"{waited} and cannot reach the rendezvous store on node 0 either: the network "
+                f"from this node failed ({error_line(error)})"
+            )
         failure = DistTrainError(f"{text}; traceback in {log}")
-        # Every waiting rank finds the same laggards: the lowest-numbered of them speaks.
-        first_waiting = min(set(range(self.env.world_size)) - set(behind))
+        # The waiting ranks of a node find the same laggards: the lowest-numbered speaks (each
+        # node's launcher prints to its own terminal, so one per node).
+        node = self.env.rank // self.env.local_world_size
+        here = range(node * self.env.local_world_size, (node + 1) * self.env.local_world_size)
+        first_waiting = min(set(here) - set(behind) - set(silent), default=self.env.rank)
         failure.quiet = self.env.rank != first_waiting  # type: ignore[attr-defined]
         return failure
 
@@ -181,8 +195,7 @@ def read_progress(world_size: int, exclude: int) -> dict[int, Progress]:
     found = {}
     for rank in range(world_size):
         if rank != exclude and store.check([str(rank)]):
-            step, micro, phase, since = json.loads(store.get(str(rank)))
-            found[rank] = Progress(step, micro, phase, since)
+            found[rank] = Progress(*json.loads(store.get(str(rank))))
     return found
 
 
