@@ -10,7 +10,13 @@ from pathlib import Path
 
 from dist_train.checkpoint.state import first_line
 from dist_train.errors import ConfigError
-from dist_train.network import IFNAME_VARS, interface_of, local_addr_to
+from dist_train.network import (
+    IFNAME_VARS,
+    interface_of,
+    is_loopback,
+    local_addr_to,
+    split_endpoint,
+)
 from dist_train.signals import EXIT_PREEMPTED, PREEMPT_SIGNALS
 
 
@@ -151,7 +157,7 @@ def join_nodes(launch: LaunchConfig) -> None:
     addr = local_addr_to(endpoint)
     chosen = [f"{var}={os.environ[var]}" for var in IFNAME_VARS if var in os.environ]
     if not chosen:
-        if addr.startswith("127.") or addr == "::1":
+        if is_loopback(addr) and not is_loopback(split_endpoint(endpoint)[0]):
             raise ConfigError(
                 "--rdzv-endpoint",
                 endpoint,

@@ -4,6 +4,7 @@ peers of another node get "connection refused"."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 import sys
@@ -19,12 +20,24 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def is_loopback(host: str) -> bool:
+    """A loopback address, or the name every machine gives its own (a one-machine test)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
 def local_addr_to(endpoint: str) -> str:
     """The source address this machine uses to reach HOST:PORT (a UDP "connect" only looks up
     the route: nothing is sent)."""
     host, port = split_endpoint(endpoint)
     try:
-        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        # IPv4 first: interfaces are matched by their IPv4 address.
+        family, _, _, _, sockaddr = min(found, key=lambda a: a[0] != socket.AF_INET)
         with socket.socket(family, socket.SOCK_DGRAM) as s:
             s.connect(sockaddr)
             return str(s.getsockname()[0])

@@ -267,3 +267,52 @@ def test_a_killed_worker_is_restarted_and_the_group_resumes(tmp_path: Path) -> N
     assert proc.returncode == 143, err[-2000:]
     assert f"resumed from {run_dir}/checkpoints/step_{resumed:07d}" in out
     assert leftover_processes(str(run_dir)) == []
+
+
+def launch_node(node: int, run_dir: Path, port: int, *extra: str) -> subprocess.Popen[str]:
+    """One node's `dist-train` on this machine (a two-node launch over loopback)."""
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        env.pop(var, None)
+    args = ["--nnodes", "2", "--node-rank", str(node), "--rdzv-endpoint", f"127.0.0.1:{port}"]
+    return subprocess.Popen(
+        [str(CLI), "train", *RUN, *args, *extra, f"train.run_dir={run_dir}"],
+        cwd=run_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_node_zero_holds_rank_zero_whichever_node_comes_first(tmp_path: Path) -> None:
+    from conftest import free_port
+
+    run_dir, port = tmp_path / "nodes", free_port()
+    node1 = launch_node(1, run_dir, port, "train.max_steps=6")
+    time.sleep(3)  # node 1 arrives first and waits
+    node0 = launch_node(0, run_dir, port, "train.max_steps=6")
+    out0, err0 = node0.communicate(timeout=240)
+    out1, err1 = node1.communicate(timeout=60)
+    assert node0.returncode == 0 and node1.returncode == 0, err0[-2000:] + err1[-2000:]
+    assert "dist-train: node 1 of 2 (127.0.0.1; GLOO_SOCKET_IFNAME=lo" in out1
+    assert "waiting up to 600 s (--rdzv-timeout) for all 2 nodes at 127.0.0.1:" in out1
+    assert "step 6 loss" in out0 and "step 6 loss" not in out1  # rank 0 is node 0's worker
+    one = cli("train", *RUN, "--nproc", "2", "train.max_steps=6", f"train.run_dir={tmp_path}/one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert losses(run_dir) == losses(tmp_path / "one")  # the same world: bitwise
+
+
+def test_a_node_that_never_comes_is_one_line_after_the_rendezvous_timeout(tmp_path: Path) -> None:
+    from conftest import free_port
+
+    run_dir = tmp_path / "alone"
+    node0 = launch_node(0, run_dir, free_port(), "--rdzv-timeout", "3")
+    out, err = node0.communicate(timeout=120)
+    assert node0.returncode == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if not line.startswith(("W1", "[W"))]
+    assert len(errors) == 1 and errors[0].startswith("error: --rdzv-endpoint='127.0.0.1:"), err
+    assert "did not all meet within --rdzv-timeout=3 s" in errors[0]
+    assert "waiting up to 3 s (--rdzv-timeout) for all 2 nodes" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,9 +110,10 @@ def test_torchrun_argv_single_and_multi_node() -> None:
     assert {
         "--nnodes=2",
         "--node-rank=1",
-        "--rdzv-backend=c10d",
+        "--rdzv-backend=static",
         "--rdzv-endpoint=h:29400",
         "--rdzv-id=job7",
+        "--rdzv-conf=timeout=600",
         "--max-restarts=3",
     } <= set(multi)
     assert multi[-4:] == ["--module", "dist_train", "train", "c.yaml"]
@@ -217,3 +219,15 @@ def test_progress_bar_only_on_a_tty(tmp_path: Path) -> None:
         logger.close()
     assert tty.getvalue().startswith("\r[") and "10/10 loss 1.5000" in tty.getvalue()
     assert pipe.getvalue() == "step 10 loss 1.5\n"
+
+
+def test_the_route_to_the_endpoint_picks_address_and_interface() -> None:
+    from dist_train.network import interface_of, is_loopback, local_addr_to
+
+    assert local_addr_to("127.0.0.1:29400") == "127.0.0.1"
+    assert local_addr_to("localhost:29400") == "127.0.0.1"  # IPv4 before ::1
+    assert interface_of("127.0.0.1") == ("lo" if sys.platform.startswith("linux") else None)
+    assert interface_of("192.0.2.123") is None  # TEST-NET-1: no interface holds it
+    assert is_loopback("127.0.1.1") and is_loopback("localhost") and not is_loopback("node0")
+    with pytest.raises(ConfigError, match=r"--rdzv-endpoint='no-such-host.invalid:1': cannot"):
+        local_addr_to("no-such-host.invalid:1")
