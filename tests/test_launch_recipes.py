@@ -79,6 +79,8 @@ def test_multinode(tmp_path: Path) -> None:
         "h0:29400",
         "--rdzv-id",
         "dist_train",
+        "--rdzv-timeout",
+        "600",
         "a=1",
     ]
 
