@@ -22,6 +22,7 @@ from dist_train.errors import DistTrainError, PeerError
 from dist_train.rundir import OWNER_ENV, RunLock, owned_run_dir, prepare
 from dist_train.signals import (
     EXIT_PREEMPTED,
+    EXIT_UNSAVED,
     PREEMPT_SIGNALS,
     Preempted,
     StopRequest,
@@ -65,11 +66,14 @@ def run_worker(cfg: RunConfig, owned: bool = False) -> int:
     except RuntimeError as e:  # a peer that timed out or went away: name it, not our traceback
         if watch is None:
             raise
+        watch.leaving = True
         watch.failed()
         raise watch.explain(e, cfg.parallel.timeout_s, Path(cfg.train.run_dir)) from None
-    except (Exception, KeyboardInterrupt):
+    except (Exception, KeyboardInterrupt) as e:
         if watch is not None:
-            watch.failed()
+            watch.leaving = True
+            if not getattr(e, "on_every_rank", False):  # every rank raises those by itself
+                watch.failed()
         raise
     finally:
         if watch is not None:
@@ -173,7 +177,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if lc.node_rank == 0:
             prepare(run_dir, plan.resume_from is None, cfg.train.overwrite, print)
         os.environ[OWNER_ENV] = f"launcher {os.getpid()}"
-        return launch(lc, ["train", args.config, *args.overrides], run_dir)
+        worker_args = ["train", args.config, *args.overrides]
+        return launch(lc, worker_args, run_dir, saves=cfg.checkpoint.enabled)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -281,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Preempted as e:
         if _speaks(e):
             print(e.message(), file=sys.stderr, flush=True)
-        code = EXIT_PREEMPTED
+        code = EXIT_PREEMPTED if e.saved else EXIT_UNSAVED
     sys.exit(code)
 
 

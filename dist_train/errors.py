@@ -29,3 +29,10 @@ class PeerError(DistTrainError):
     all; the main rank prints the real message, these stay quiet."""
 
     on_every_rank = True
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line: the last non-empty line of its message (torch's errors put
+    the reason last, after the C++ location)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__

@@ -8,16 +8,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_train.checkpoint.state import first_line
-from dist_train.errors import ConfigError
+from dist_train.errors import ConfigError, first_line
 from dist_train.network import (
     IFNAME_VARS,
+    default_route_addr,
     interface_of,
     is_loopback,
     local_addr_to,
-    split_endpoint,
 )
-from dist_train.signals import EXIT_PREEMPTED, PREEMPT_SIGNALS
+from dist_train.signals import EXIT_PREEMPTED, EXIT_UNSAVED, PREEMPT_SIGNALS
 
 
 @dataclass(frozen=True)
@@ -124,12 +123,13 @@ def remove_empty_dirs(root: Path) -> None:
     """Drop the agent's folders that hold no file (a healthy launch leaves only empty ones)."""
     if not root.is_dir():
         return
-    paths = sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True)
-    for path in [*paths, root, root.parent]:
+    # Bottom-up, and every step may find the folder gone or filled: the launchers of other
+    # nodes share the run directory and tidy it at the same time (os.walk skips what vanished).
+    walked = [Path(path) for path, _, _ in os.walk(root, topdown=False)]
+    for path in [*walked, root.parent]:
         try:
-            if path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
-        except OSError:  # another node's launcher, sharing the run directory, got there first
+            path.rmdir()  # only an empty folder goes
+        except OSError:
             continue
 
 
@@ -137,7 +137,7 @@ def how_it_ended(exitcode: int) -> str:
     """A worker's end in words: a negative code is the signal that killed it, which printed
     nothing (an out-of-memory kill is SIGKILL)."""
     if exitcode == EXIT_PREEMPTED:
-        return f"stopped after a stop signal (exit code {exitcode}, its message is above)"
+        return f"stopped on a stop signal (exit code {exitcode}; node 0 says what was saved)"
     if exitcode == 2:  # a dist-train error: the worker printed it as one line
         return "stopped the run with the error above"
     if exitcode >= 0:
@@ -152,24 +152,19 @@ def how_it_ended(exitcode: int) -> str:
 
 def join_nodes(launch: LaunchConfig) -> None:
     """Before the rendezvous: make gloo and NCCL use the interface that reaches the endpoint
-    (unless the user chose one), and say what this node waits for."""
+    (each variable unless the user set it), and say what this node waits for."""
     endpoint = str(launch.rdzv_endpoint)
     addr = local_addr_to(endpoint)
-    chosen = [f"{var}={os.environ[var]}" for var in IFNAME_VARS if var in os.environ]
-    if not chosen:
-        if is_loopback(addr) and not is_loopback(split_endpoint(endpoint)[0]):
-            raise ConfigError(
-                "--rdzv-endpoint",
-                endpoint,
-                f"reaches {addr} (loopback) from this machine, which other nodes cannot use: "
-                "give node 0's address as the other nodes see it, or set GLOO_SOCKET_IFNAME "
-                "(NCCL_SOCKET_IFNAME) to the interface they reach",
-            )
-        ifname = interface_of(addr)
+    if is_loopback(addr):
+        # Node 0 reaching its own endpoint through loopback (a PyTorchJob's master is given
+        # MASTER_ADDR=localhost; Ubuntu maps the hostname to 127.0.1.1): the peers need the
+        # address they reach, which is most likely the default route's.
+        addr = default_route_addr() or addr
+    ifname = None if is_loopback(addr) else interface_of(addr)
+    for var in IFNAME_VARS:
         if ifname is not None:
-            for var in IFNAME_VARS:
-                os.environ[var] = ifname
-            chosen = [f"{var}={ifname}" for var in IFNAME_VARS]
+            os.environ.setdefault(var, ifname)
+    chosen = [f"{var}={os.environ[var]}" for var in IFNAME_VARS if var in os.environ]
     print(
         f"dist-train: node {launch.node_rank} of {launch.nnodes} ({addr}; "
         f"{', '.join(chosen) or 'interface: the default'}): waiting up to "
@@ -178,8 +173,11 @@ def join_nodes(launch: LaunchConfig) -> None:
     )
 
 
-def launch(launch: LaunchConfig, worker_args: list[str], run_dir: str | Path) -> int:
-    """Run the workers and wait; returns the exit status to use (a worker's own on failure)."""
+def launch(
+    launch: LaunchConfig, worker_args: list[str], run_dir: str | Path, saves: bool = True
+) -> int:
+    """Run the workers and wait; returns the exit status to use (a worker's own on failure).
+    `saves`: checkpoints are enabled, so a stop signal ends with a checkpoint (status 143)."""
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -192,13 +190,13 @@ def launch(launch: LaunchConfig, worker_args: list[str], run_dir: str | Path) ->
         join_nodes(launch)
     try:
         run(parse_args(torchrun_argv(launch, worker_args, log_dir)))
-    except DistError as e:  # the rendezvous: a node that never came, an unreachable endpoint
+    except DistError as e:  # the agents' store: a node that never came, an unreachable node 0
         raise ConfigError(
             "--rdzv-endpoint",
             launch.rdzv_endpoint,
-            f"the {launch.nnodes} nodes did not all meet within --rdzv-timeout="
-            f"{launch.rdzv_timeout_s} s ({first_line(e)}); start the same command on every "
-            f"node with --node-rank 0..{launch.nnodes - 1}, node 0's address as the endpoint",
+            f"the rendezvous of {launch.nnodes} node(s) failed ({first_line(e)}); all nodes "
+            f"must start the same command within --rdzv-timeout={launch.rdzv_timeout_s} s, "
+            f"with --node-rank 0..{launch.nnodes - 1} and node 0's address as the endpoint",
         ) from None
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()  # the root cause; the others were stopped after it
@@ -209,13 +207,21 @@ def launch(launch: LaunchConfig, worker_args: list[str], run_dir: str | Path) ->
         )
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
     except SignalException as e:  # the agent has forwarded it and waited for the workers
-        if e.sigval in PREEMPT_SIGNALS:
+        if e.sigval in PREEMPT_SIGNALS and saves:
             print(
-                f"dist-train: {e.sigval.name}: the workers saved what they could and stopped; "
-                f"exit status {EXIT_PREEMPTED} (run the same command to continue)",
+                f"dist-train: {e.sigval.name}: the workers stopped at a log step and saved "
+                f"(rank 0's line says where); exit status {EXIT_PREEMPTED}: run the same "
+                "command to continue",
                 file=sys.stderr,
             )
             return EXIT_PREEMPTED
+        if e.sigval in PREEMPT_SIGNALS:
+            print(
+                f"dist-train: {e.sigval.name}: the workers stopped; checkpoint.enabled=false, "
+                f"so nothing was saved (exit status {EXIT_UNSAVED})",
+                file=sys.stderr,
+            )
+            return EXIT_UNSAVED
         print(f"interrupted ({e.sigval.name}): all workers stopped", file=sys.stderr)
         return 128 + int(e.sigval)
     finally:

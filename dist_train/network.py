@@ -50,6 +50,17 @@ def local_addr_to(endpoint: str) -> str:
         ) from None
 
 
+def default_route_addr() -> str | None:
+    """This machine's address on its default route (None without one): a UDP "connect" to a
+    documentation address (TEST-NET-2) picks the route without sending anything."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("198.51.100.1", 9))
+            return str(s.getsockname()[0])
+    except OSError:
+        return None
+
+
 def _ipv4_of(ifname: str) -> str | None:
     import fcntl
 

@@ -14,6 +14,8 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # 128 + SIGTERM: what schedulers see from a job stopped by SIGTERM, and what Kubernetes' ExitCode
 # restart policy and `launch/slurm.sbatch` treat as "requeue me" (the checkpoint is written).
 EXIT_PREEMPTED = 128 + int(signal.SIGTERM)
+# A stop signal with checkpoint.enabled=false: nothing to resume from, so not "requeue me".
+EXIT_UNSAVED = 1
 
 
 class Terminated(BaseException):
@@ -31,10 +33,14 @@ class Preempted(BaseException):
 
     def message(self) -> str:
         name = signal.Signals(self.signum).name if self.signum else "a stop signal"
-        where = f"saved {self.saved}" if self.saved else "nothing saved (checkpoint.enabled=false)"
+        if not self.saved:
+            return (
+                f"stopped ({name}) at step {self.step}: nothing saved (checkpoint.enabled="
+                f"false; exit status {EXIT_UNSAVED})"
+            )
         return (
-            f"preempted ({name}) at step {self.step}: {where}; run the same command to "
-            f"continue (exit status {EXIT_PREEMPTED})"
+            f"preempted ({name}) at step {self.step}: saved {self.saved}; run the same command "
+            f"to continue (exit status {EXIT_PREEMPTED})"
         )
 
 

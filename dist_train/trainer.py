@@ -159,7 +159,7 @@ class Trainer:
         )
         model = unwrap(self.model)
         model.eval()
-        self.progress.enter("evaluation", self.state.step)
+        self.progress.enter("evaluation", self.state.step - 1)
         totals = torch.zeros(2, device=self.env.device)  # loss * samples, samples
         for b in range(self.cfg.train.eval_batches):
             indices = sampler.rank_indices(b, self.env.rank, self.env.world_size)

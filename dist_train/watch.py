@@ -14,14 +14,14 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import torch.distributed as dist
 
 from dist_train.env import DistEnv, restart_count
-from dist_train.errors import DistTrainError
+from dist_train.errors import DistTrainError, first_line
 
 PHASES = {  # in the order a step goes through them
     "start-up": "starting up",
@@ -34,31 +34,43 @@ PHASES = {  # in the order a step goes through them
 }
 POST_EVERY_S = 0.5
 FAILED = "failed"  # store key: some rank failed; the others must not linger
-SILENT_S = 3.0  # no post for this long: the rank (or the way to it) is gone
+SILENT_S = 1.5  # no post for this long (3 posting periods): the rank, or the way to it, is gone
 FAILED_GRACE_S = 3.0  # time for a rank to fail on its own (and say why) before it is ended
 # What gloo and NCCL say when a peer does not answer in time or went away.
 PEER_TROUBLE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
 
 
-@dataclass
 class Progress:
-    """Where this rank is; the loop sets it (attribute writes: free), a thread posts it."""
+    """Where this rank is. The loop replaces one tuple (free, and never half-written); the
+    watch thread reads it."""
 
-    step: int = 0
-    micro: int = 0
-    phase: str = "start-up"
-    since: float = field(default_factory=time.time)
-    posted: float = 0.0  # when its rank last posted it (a heartbeat: it posts twice a second)
+    def __init__(self) -> None:
+        self.at: tuple[int, int, str, float] = (0, 0, "start-up", time.monotonic())
 
     def enter(self, phase: str, step: int, micro: int = 0) -> None:
-        self.phase, self.step, self.micro, self.since = phase, step, micro, time.time()
+        self.at = (step, micro, phase, time.monotonic())
+
+    def report(self, seq: int) -> Report:
+        step, micro, phase, since = self.at
+        return Report(step, micro, phase, time.monotonic() - since, seq)
+
+
+@dataclass(frozen=True)
+class Report:
+    """A rank's progress as posted: durations measured on its own clock (nodes' clocks
+    differ), and a sequence number that grows with every post (a heartbeat)."""
+
+    step: int
+    micro: int
+    phase: str
+    seconds: float  # in this phase
+    seq: int
 
     def position(self) -> tuple[int, int, int]:
         return self.step, self.micro, list(PHASES).index(self.phase)
 
     def describe(self) -> str:
-        what = PHASES[self.phase]
-        return f"{what} at step {self.step + 1} (for {time.time() - self.since:.0f} s)"
+        return f"{PHASES[self.phase]} at step {self.step + 1} (for {self.seconds:.0f} s)"
 
 
 def _store(timeout_s: float) -> dist.Store | None:
@@ -84,7 +96,7 @@ class Watch:
         self._thread.start()
 
     def _run(self) -> None:
-        store = None
+        store, seq = None, 0
         while not self._stop.wait(POST_EVERY_S):
             if os.getppid() != self._parent:  # re-parented: the launcher was killed
                 print(
@@ -97,25 +109,24 @@ class Watch:
             p = self.progress
             try:
                 store = store or _store(timeout_s=10)
-                if store is None:
-                    return
-                store.set(
-                    str(self.env.rank), json.dumps([p.step, p.micro, p.phase, p.since, time.time()])
-                )
-                if not self.leaving and store.check([FAILED]):
-                    self._end_if_stuck()
-            except Exception:  # the store is gone (the run is ending): nothing left to post
-                return
+                if store is not None:  # None: no torchrun store to post to
+                    seq += 1
+                    store.set(str(self.env.rank), json.dumps(asdict(p.report(seq))))
+                    if not self.leaving and store.check([FAILED]):
+                        self._end_if_stuck()
+            except Exception:  # not up yet, or gone: try again; the parent check goes on
+                store = None
 
     def _end_if_stuck(self) -> None:
         """A peer failed and said why. This rank gets a moment to fail on its own; if its loop
         is still where it was, it is stuck (in its own code: the agent's SIGTERM would only ask
         it to stop at a log step it never reaches) and ends here."""
-        if self._stop.wait(FAILED_GRACE_S) or self.leaving:
+        where = self.progress.at
+        if self._stop.wait(FAILED_GRACE_S) or self.leaving or self.progress.at != where:
             return
         print(
             f"dist-train: rank {self.env.rank}: another rank failed while this one was "
-            f"{self.progress.describe()}; stopping it",
+            f"{self.progress.report(0).describe()}; stopping it",
             file=sys.stderr,
             flush=True,
         )
@@ -133,6 +144,8 @@ class Watch:
 
     def close(self) -> None:
         self._stop.set()
+        # Not left inside a store call while the interpreter shuts down (it can abort there).
+        self._thread.join(timeout=2)
 
     def explain(self, error: BaseException, timeout_s: float, run_dir: Path) -> BaseException:
         """A peer failure as one line naming the rank(s) behind, their step and phase; the
@@ -145,29 +158,32 @@ class Watch:
             log.write_text("".join(traceback.format_exception(error)))
         except OSError:
             log = Path("(not written)")
-        me, now = self.progress, time.time()
+        me = self.progress.report(0)
+        first = read_progress(self.env.world_size, exclude=self.env.rank)
+        time.sleep(SILENT_S)  # a rank that posts nothing meanwhile is gone, or cut off
         others = read_progress(self.env.world_size, exclude=self.env.rank)
-        silent = {r: p for r, p in others.items() if now - p.posted > SILENT_S}
+        silent = {r: p for r, p in others.items() if r in first and first[r].seq == p.seq}
         behind = {
             r: p for r, p in others.items() if r not in silent and p.position() < me.position()
         }
         waited = f"rank {self.env.rank} waited {PHASES[me.phase]} at step {me.step + 1}"
         names = [
-            f"rank {r} has not been heard from for {now - p.posted:.0f} s (its process, its "
-            "node or the network to it is gone)"
+            f"rank {r} stopped reporting (its process, its node or the network to it is "
+            f"gone; it was last {p.describe()})"
             for r, p in sorted(silent.items())
         ] + [f"rank {r} is {p.describe()}" for r, p in sorted(behind.items())]
         if names:
             text = f"{'; '.join(names)} while {waited} (parallel.timeout_s={timeout_s:g})"
         elif others:
             text = (
-                f"every rank reached the same point ({waited}) but the collective did not "
-                f"complete: the network between the workers failed ({error_line(error)})"
+                f"every rank that reports is as far as this one ({waited}), yet the "
+                "collective did not complete: the network between the workers failed, or a "
+                f"rank is stuck inside it ({first_line(error)})"
             )
         else:  # not even the store (on node 0) answers: this node is cut off
             text = (
                 f"{waited} and cannot reach the rendezvous store on node 0 either: the network "
-                f"from this node failed ({error_line(error)})"
+                f"from this node failed ({first_line(error)})"
             )
         failure = DistTrainError(f"{text}; traceback in {log}")
         # The waiting ranks of a node find the same laggards: the lowest-numbered speaks (each
@@ -179,24 +195,19 @@ class Watch:
         return failure
 
 
-def error_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0][:200] if lines else type(error).__name__
-
-
-def read_progress(world_size: int, exclude: int) -> dict[int, Progress]:
-    """The other ranks' last posted progress (a rank that never posted is left out)."""
+def read_progress(world_size: int, exclude: int) -> dict[int, Report]:
+    """The other ranks' last posted progress; nothing for a rank that never posted, and
+    nothing at all when the store cannot be reached (it lives on node 0)."""
     try:
         store = _store(timeout_s=5)
-    except Exception:
+        if store is None:
+            return {}
+        keys = [str(rank) for rank in range(world_size) if rank != exclude]
+        posted = [key for key in keys if store.check([key])]
+        values = store.multi_get(posted) if posted else []
+        return {int(k): Report(**json.loads(v)) for k, v in zip(posted, values, strict=True)}
+    except Exception:  # the store went too: the caller says so
         return {}
-    if store is None:
-        return {}
-    found = {}
-    for rank in range(world_size):
-        if rank != exclude and store.check([str(rank)]):
-            found[rank] = Progress(*json.loads(store.get(str(rank))))
-    return found
 
 
 def check_shared_run_dir(run_dir: Path, env: DistEnv) -> None:

@@ -47,10 +47,10 @@ from dist_train.checkpoint.files import (
 )
 from dist_train.checkpoint.integrity import HashingWriter, collect_digests
 from dist_train.checkpoint.reader import ThreadedFileSystemReader
-from dist_train.checkpoint.state import first_line, loaded_in_place, rng_state, set_rng_state
+from dist_train.checkpoint.state import loaded_in_place, rng_state, set_rng_state
 from dist_train.config import RunConfig
 from dist_train.env import DistEnv
-from dist_train.errors import ConfigError, DistTrainError
+from dist_train.errors import ConfigError, DistTrainError, first_line
 from dist_train.precision import Precision
 
 

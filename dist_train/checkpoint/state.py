@@ -41,8 +41,3 @@ def loaded_in_place(loaded: dict[str, Any], model: nn.Module) -> bool:
     would only cost a pass over the whole state. Any other value (a copy, extra state) needs it."""
     own = {local_ptr(t) for t in model.state_dict().values() if isinstance(t, torch.Tensor)}
     return all(isinstance(v, torch.Tensor) and local_ptr(v) in own for v in loaded.values())
-
-
-def first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(error).__name__
