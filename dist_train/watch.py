@@ -34,6 +34,7 @@ PHASES = {  # in the order a step goes through them
 }
 POST_EVERY_S = 0.5
 FAILED = "failed"  # store key: some rank failed; the others must not linger
+STORE_TIMEOUT_S = 2.0  # after a failure: node 0's store answers at once, or is out of reach
 SILENT_S = 1.5  # no post for this long (3 posting periods): the rank, or the way to it, is gone
 FAILED_GRACE_S = 3.0  # time for a rank to fail on its own (and say why) before it is ended
 # What gloo and NCCL say when a peer does not answer in time or went away.
@@ -136,7 +137,7 @@ class Watch:
         """Tell the other ranks this one failed (and printed why): a rank stuck in its own
         code, which would ignore the agent's SIGTERM (a stop request), ends promptly."""
         try:
-            store = _store(timeout_s=5)
+            store = _store(timeout_s=STORE_TIMEOUT_S)
             if store is not None:
                 store.set(FAILED, str(self.env.rank))
         except Exception:
@@ -159,9 +160,14 @@ class Watch:
         except OSError:
             log = Path("(not written)")
         me = self.progress.report(0)
-        first = read_progress(self.env.world_size, exclude=self.env.rank)
-        time.sleep(SILENT_S)  # a rank that posts nothing meanwhile is gone, or cut off
-        others = read_progress(self.env.world_size, exclude=self.env.rank)
+        try:
+            store = _store(timeout_s=STORE_TIMEOUT_S)
+        except Exception:  # node 0's store is out of reach too
+            store = None
+        first = read_progress(store, self.env.world_size, exclude=self.env.rank)
+        if first:
+            time.sleep(SILENT_S)  # a rank that posts nothing meanwhile is gone, or cut off
+        others = read_progress(store, self.env.world_size, exclude=self.env.rank) if first else {}
         silent = {r: p for r, p in others.items() if r in first and first[r].seq == p.seq}
         behind = {
             r: p for r, p in others.items() if r not in silent and p.position() < me.position()
@@ -195,13 +201,12 @@ class Watch:
         return failure
 
 
-def read_progress(world_size: int, exclude: int) -> dict[int, Report]:
+def read_progress(store: dist.Store | None, world_size: int, exclude: int) -> dict[int, Report]:
     """The other ranks' last posted progress; nothing for a rank that never posted, and
     nothing at all when the store cannot be reached (it lives on node 0)."""
+    if store is None:
+        return {}
     try:
-        store = _store(timeout_s=5)
-        if store is None:
-            return {}
         keys = [str(rank) for rank in range(world_size) if rank != exclude]
         posted = [key for key in keys if store.check([key])]
         values = store.multi_get(posted) if posted else []

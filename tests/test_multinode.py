@@ -181,7 +181,7 @@ def test_two_nodes_train_like_one_node_with_two_workers(lab: Lab, tmp_path: Path
 
 def test_a_cut_link_ends_both_nodes_within_the_timeout(lab: Lab, tmp_path: Path) -> None:
     run_dir = tmp_path / "cut"
-    extra = ("train.max_steps=100000", "parallel.timeout_s=10")
+    extra = ("train.max_steps=100000", "parallel.timeout_s=5")
     nodes = [lab.start(n, *node_args(lab, n, run_dir, *extra)) for n in (0, 1)]
     try:
         deadline = time.monotonic() + 180
@@ -196,9 +196,9 @@ def test_a_cut_link_ends_both_nodes_within_the_timeout(lab: Lab, tmp_path: Path)
                 if n not in ended and proc.poll() is not None:
                     ended[n] = time.monotonic() - cut
             time.sleep(0.1)
-        print(f"link cut: exits after {ended} s (parallel.timeout_s=10)")
+        print(f"link cut: exits after {ended} s (parallel.timeout_s=5)")
         assert sorted(ended) == [0, 1], f"still running: {set(range(2)) - set(ended)}"
-        assert max(ended.values()) < 10 + 30  # the timeout plus a margin
+        assert max(ended.values()) < 5 + 30  # the timeout plus a margin
         for n, proc in enumerate(nodes):
             _, err = proc.communicate(timeout=10)
             assert proc.returncode != 0

@@ -86,6 +86,8 @@ def test_stop_signal_saves_at_the_step_reached_and_resume_is_bitwise(
     assert max(losses(cut)) == step  # the partial log interval is written, nothing past it
     assert "Traceback" not in err
     print(f"{nproc} worker(s), {signal.Signals(signum).name}: exit {seconds:.2f} s after it")
+    if nproc == 1:
+        return  # a single process resumes bitwise: test_checkpoint; here the signal path
     # Continue to a few steps past the stop, and train the same steps in one go: bitwise equal.
     more = [*args[:2], *extra, f"train.max_steps={step + 4}"]
     resumed = cli("train", *RUN, *more, f"train.run_dir={cut}", timeout=240)
@@ -304,9 +306,7 @@ def test_node_zero_holds_rank_zero_whichever_node_comes_first(tmp_path: Path) ->
     assert "dist-train: node 1 of 2 (" in out1
     assert "waiting up to 600 s (--rdzv-timeout) for all 2 nodes at 127.0.0.1:" in out1
     assert "step 6 loss" in out0 and "step 6 loss" not in out1  # rank 0 is node 0's worker
-    one = cli("train", *RUN, "--nproc", "2", "train.max_steps=6", f"train.run_dir={tmp_path}/one")
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert losses(run_dir) == losses(tmp_path / "one")  # the same world: bitwise
+    assert sorted(losses(run_dir)) == list(range(1, 7))  # (equal to --nproc 2: test_multinode)
 
 
 def test_a_node_that_never_comes_is_one_line_after_the_rendezvous_timeout(tmp_path: Path) -> None:
