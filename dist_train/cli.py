@@ -55,6 +55,13 @@ def run_worker(cfg: RunConfig, owned: bool = False) -> int:
             nullcontext() if owned else _rank0_owns(cfg, env),
         ):
             check_shared_run_dir(Path(cfg.train.run_dir), env)
+            if env.is_main and not owned:  # plain torchrun or accelerate: nobody said it yet
+                nodes = env.world_size // env.local_world_size
+                print(
+                    f"dist-train: {env.world_size} workers ({nodes} node(s)), {env.backend} on "
+                    f"{env.device.type}",
+                    flush=True,
+                )
             trainer = build_trainer(cfg, env, stop, watch.progress if watch else Progress())
             try:
                 stop.arm()  # from here a stop signal saves at the next log step

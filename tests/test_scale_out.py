@@ -340,3 +340,48 @@ def test_node_local_run_directories_are_refused(tmp_path: Path) -> None:
     assert "cannot see what rank 0 wrote there" in said[0]
     assert list((tmp_path / "run").glob(".shared-check-*")) == []  # nothing left behind
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_modes(tmp_path: Path) -> None:
+    """`--multi_gpu` runs torchrun underneath: 2 workers, also on CPU. `--cpu` alone starts
+    one process, and dist-train says so."""
+    pytest.importorskip("accelerate", reason="the accelerate extra is not installed")
+    accelerate = str(Path(CLI).with_name("accelerate"))
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "HF_HOME": str(tmp_path / "hf")}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        env.pop(var, None)
+    runs = {
+        "multi": ["--multi_gpu", "--num_processes", "2"],
+        "cpu": ["--cpu", "--num_processes", "2"],
+    }
+    out = {}
+    for name, flags in runs.items():
+        proc = subprocess.run(
+            [
+                accelerate,
+                "launch",
+                *flags,
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "-m",
+                "dist_train",
+                "train",
+                *RUN,
+                "train.max_steps=4",
+                f"train.run_dir={tmp_path / name}",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = proc.stdout
+    assert "dist-train: 2 workers (1 node(s)), gloo on cpu" in out["multi"], out["multi"][-2000:]
+    assert "note: `accelerate launch` started a single process" in out["cpu"]
