@@ -100,16 +100,32 @@ def test_stop_signal_saves_at_the_step_reached_and_resume_is_bitwise(
     assert leftover_processes(str(cut)) == []
 
 
-def test_exit_status_of_a_stop_signal(tmp_path: Path) -> None:
+def test_exit_status_of_a_stop_signal_during_start_up(tmp_path: Path) -> None:
     """The documented status, also for a signal before the first step (nothing to save)."""
-    proc = start(tmp_path / "early", "data.max_chars=1000000")
-    time.sleep(1.5)  # importing torch or building the data: nothing to save yet
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    run_dir = tmp_path / "early"
+    proc = subprocess.Popen(
+        [
+            str(CLI),
+            "train",
+            "configs/mlp_synthetic.yaml",
+            "data._target_=user_plugins.SlowToBuild",
+            "model._target_=user_plugins.TinyRegressor",
+            "model.kwargs.in_features=8",
+            f"train.run_dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    time.sleep(2.5)  # building the dataset (5 s): nothing to save yet
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err[-2000:]
-    assert "terminated (SIGTERM) before training" in err
-    assert "Traceback" not in err
-    assert not (tmp_path / "early" / "checkpoints").exists()
+    assert err.strip().splitlines() == ["terminated (SIGTERM) before training"]
+    assert not (run_dir / "checkpoints").exists()
 
 
 @pytest.mark.slow

@@ -89,3 +89,13 @@ class StallOnRankOne(LineDataset):
 
             time.sleep(3600)
         return super().__getitem__(i)
+
+
+class SlowToBuild(LineDataset):
+    """Takes `seconds` to construct (a dataset indexing files at start-up)."""
+
+    def __init__(self, split: str, seconds: float = 5.0, **kwargs: int) -> None:
+        import time
+
+        time.sleep(seconds)
+        super().__init__(split, **kwargs)
