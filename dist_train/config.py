@@ -52,6 +52,10 @@ class DataConfig:
     name: str = "text"  # text | tokens | synthetic; ignored when _target_ is set
     _target_: Optional[str] = None  # "package.module.Class" of a user dataset (see data.py)
     kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for _target_
+    # Per split, over kwargs: set either and _target_ gets no split= (torchvision style:
+    # train_kwargs {train: true}, val_kwargs {train: false}; no val_kwargs: no validation).
+    train_kwargs: dict[str, Any] = field(default_factory=dict)
+    val_kwargs: dict[str, Any] = field(default_factory=dict)
     path: Optional[str] = (
         None  # text: UTF-8 file (default: Python's own stdlib source); tokens: dir
     )

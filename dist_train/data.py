@@ -272,17 +272,37 @@ def _synthetic_data(cfg: RunConfig) -> Data:
 
 
 def _user_data(cfg: RunConfig) -> Data:
-    """`data._target_`: called as Class(split="train"|"val", **kwargs); may return a map-style
-    dataset of (input, target) or an object with get_batch. Its `task` attribute picks the loss."""
-    target = cfg.data._target_ or ""
+    """`data._target_`: called as Class(split="train"|"val", **kwargs), or, when
+    `data.train_kwargs`/`val_kwargs` are set, as Class(**kwargs, **train_kwargs) and
+    Class(**kwargs, **val_kwargs) (no val_kwargs: no validation set). It may return a map-style
+    dataset of (input, target) or an object with get_batch; its `task` attribute picks the loss."""
+    d = cfg.data
+    target, per_split = d._target_ or "", bool(d.train_kwargs or d.val_kwargs)
 
-    def make(split: str) -> BatchDataset:
-        ds = call_target(target, "data._target_", "data._target_", split=split, **cfg.data.kwargs)
+    def make(split: str) -> BatchDataset | None:
+        if per_split:
+            extra = d.train_kwargs if split == "train" else d.val_kwargs
+            if split == "val" and not extra:
+                return None
+            ds = call_target(target, "data._target_", f"data.{split}_kwargs", **d.kwargs, **extra)
+        else:
+            try:
+                ds = call_target(target, "data._target_", "data._target_", split=split, **d.kwargs)
+            except ConfigError as e:
+                if "does not fit its signature" not in e.reason:
+                    raise
+                raise ConfigError(
+                    e.key,
+                    e.value,
+                    f"{e.reason}; a dataset without split= takes data.train_kwargs and "
+                    "data.val_kwargs instead, e.g. {train: true} and {train: false}",
+                ) from None
         return ds if hasattr(ds, "get_batch") else MapDatasetAdapter(ds)
 
     train, val = make("train"), make("val")
+    assert train is not None  # only the validation split may be absent
     task = getattr(getattr(train, "dataset", train), "task", "classification")
-    return Data(train, val if len(val) else None, DataSpec(task))
+    return Data(train, val if val is not None and len(val) else None, DataSpec(task))
 
 
 def build_data(cfg: RunConfig) -> Data:

@@ -101,3 +101,40 @@ def test_user_map_style_dataset() -> None:
     data = build_data(cfg)
     x, y = data.train.get_batch(torch.tensor([1, 2, 3]))
     assert x.shape == (3, 8) and y.shape == (3, 1) and data.spec.task == "regression"
+
+
+def test_torchvision_style_dataset_by_per_split_kwargs() -> None:
+    """A dataset that takes `train=` instead of `split=`: per-split kwargs, over `kwargs`."""
+    base = ["data._target_=user_plugins.TorchvisionStyle"]
+    both = load_config(None, [*base, "data.train_kwargs.train=true", "data.val_kwargs.train=false"])
+    data = build_data(both)
+    assert data.val is not None and data.spec.task == "regression"
+    x_train, _ = data.train.get_batch(torch.tensor([0]))
+    x_val, _ = data.val.get_batch(torch.tensor([0]))
+    assert not torch.equal(x_train, x_val)  # two splits, as the dataset's own argument says
+    assert build_data(load_config(None, [*base, "data.train_kwargs.train=true"])).val is None
+    with pytest.raises(ConfigError, match=r"^data._target_=.*takes data.train_kwargs and"):
+        build_data(load_config(None, base))  # split= does not fit: the message says what does
+    with pytest.raises(ConfigError, match=r"^data.train_kwargs=\{'train': True, 'bogus': 1\}"):
+        build_data(
+            load_config(None, [*base, "data.train_kwargs.train=true", "data.train_kwargs.bogus=1"])
+        )
+
+
+@pytest.mark.slow
+def test_torchvision_style_dataset_trains_from_the_cli(tmp_path: Path) -> None:
+    from conftest import cli
+
+    proc = cli(
+        "train",
+        "configs/mlp_synthetic.yaml",
+        "data._target_=user_plugins.TorchvisionStyle",
+        "data.train_kwargs.train=true",
+        "data.val_kwargs.train=false",
+        "model._target_=user_plugins.TinyRegressor",
+        "model.kwargs.in_features=8",
+        "train.max_steps=4",
+        f"train.run_dir={tmp_path}/run",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "val_loss" in (tmp_path / "run" / "metrics.jsonl").read_text()
