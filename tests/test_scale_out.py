@@ -26,20 +26,26 @@ RUN = [
 ]
 
 
-def start(run_dir: Path, *args: str) -> subprocess.Popen[str]:
-    """`dist-train train` for 100000 steps in its own session, until a signal stops it."""
+def popen(*argv: str, cwd: Path) -> subprocess.Popen[str]:
+    """The real `dist-train` in its own session (signals go to it alone), piped."""
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
         env.pop(var, None)
     return subprocess.Popen(
-        [str(CLI), "train", *RUN, *args, "train.max_steps=100000", f"train.run_dir={run_dir}"],
-        cwd=run_dir.parent,
+        [str(CLI), *argv],
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
         env=env,
     )
+
+
+def start(run_dir: Path, *args: str) -> subprocess.Popen[str]:
+    """`dist-train train` for 100000 steps, until a signal stops it."""
+    run = [*RUN, *args, "train.max_steps=100000", f"train.run_dir={run_dir}"]
+    return popen("train", *run, cwd=run_dir.parent)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -102,23 +108,15 @@ def test_stop_signal_saves_at_the_step_reached_and_resume_is_bitwise(
 
 def test_exit_status_of_a_stop_signal_during_start_up(tmp_path: Path) -> None:
     """The documented status, also for a signal before the first step (nothing to save)."""
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
     run_dir = tmp_path / "early"
-    proc = subprocess.Popen(
-        [
-            str(CLI),
-            "train",
-            "configs/mlp_synthetic.yaml",
-            "data._target_=user_plugins.SlowToBuild",
-            "model._target_=user_plugins.TinyRegressor",
-            "model.kwargs.in_features=8",
-            f"train.run_dir={run_dir}",
-        ],
+    proc = popen(
+        "train",
+        "configs/mlp_synthetic.yaml",
+        "data._target_=user_plugins.SlowToBuild",
+        "model._target_=user_plugins.TinyRegressor",
+        "model.kwargs.in_features=8",
+        f"train.run_dir={run_dir}",
         cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
     )
     time.sleep(2.5)  # building the dataset (5 s): nothing to save yet
     os.kill(proc.pid, signal.SIGTERM)
@@ -293,19 +291,8 @@ def test_a_killed_worker_is_restarted_and_the_group_resumes(tmp_path: Path) -> N
 
 def launch_node(node: int, run_dir: Path, port: int, *extra: str) -> subprocess.Popen[str]:
     """One node's `dist-train` on this machine (a two-node launch over loopback)."""
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
-        env.pop(var, None)
     args = ["--nnodes", "2", "--node-rank", str(node), "--rdzv-endpoint", f"127.0.0.1:{port}"]
-    return subprocess.Popen(
-        [str(CLI), "train", *RUN, *args, *extra, f"train.run_dir={run_dir}"],
-        cwd=run_dir.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env=env,
-    )
+    return popen("train", *RUN, *args, *extra, f"train.run_dir={run_dir}", cwd=run_dir.parent)
 
 
 @pytest.mark.slow
