@@ -66,6 +66,16 @@ class DataConfig:
     num_samples: int = 4096  # synthetic: total samples before the split
     input_shape: list[int] = field(default_factory=lambda: [32])  # synthetic: e.g. [3, 16, 16]
     num_classes: int = 10  # synthetic classification
+    # Background loading (torch DataLoader worker processes; 0: batches built on the training
+    # thread). The batches and their order are the same for any value.
+    num_workers: int = 0
+    prefetch_factor: int = 2  # batches each worker keeps ready
+    persistent_workers: bool = True  # keep workers between evaluations (not re-forked)
+    pin_memory: str = "auto"  # auto (on CUDA) | true | false
+    # "package.module.callable" applied to each sample of a map-style dataset (in the workers),
+    # and one that turns a list of samples into a batch (default: torch's default_collate).
+    transform: Optional[str] = None
+    collate: Optional[str] = None
 
 
 @dataclass
