@@ -266,6 +266,7 @@ def validate(cfg: RunConfig) -> None:
             cfg.model.n_embd,
             f"must be divisible by model.n_head={cfg.model.n_head}",
         )
+    _validate_loading(cfg.data)
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError("data.val_fraction", cfg.data.val_fraction, "expected 0 <= x < 1")
     if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
@@ -283,6 +284,25 @@ def validate(cfg: RunConfig) -> None:
         target = get_key(cfg, f"{section}._target_")
         if target:
             resolve_target(target, f"{section}._target_")
+
+
+def _validate_loading(d: DataConfig) -> None:
+    if d.num_workers < 0:
+        raise ConfigError(
+            "data.num_workers", d.num_workers, "must be >= 0 (0: no worker processes)"
+        )
+    if d.prefetch_factor < 1:
+        raise ConfigError("data.prefetch_factor", d.prefetch_factor, "must be >= 1")
+    d.pin_memory = str(d.pin_memory).lower()  # YAML's `true` arrives as "True"
+    if d.pin_memory not in ("auto", "true", "false"):
+        raise ConfigError("data.pin_memory", d.pin_memory, "expected one of auto, true, false")
+    for key in ("transform", "collate"):
+        if getattr(d, key) and not d._target_:
+            raise ConfigError(
+                f"data.{key}", getattr(d, key), "applies to a user dataset (data._target_)"
+            )
+        if getattr(d, key):
+            resolve_target(getattr(d, key), f"data.{key}")
 
 
 def resolve_target(target: str, key: str) -> Any:

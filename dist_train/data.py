@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from dist_train.config import RunConfig, call_target
+from dist_train.config import RunConfig, call_target, resolve_target
 from dist_train.errors import ConfigError
 
 
@@ -75,17 +75,38 @@ class TensorPairDataset:
 
 
 class MapDatasetAdapter:
-    """Any map-style dataset whose items are (input, target), collated the usual way."""
+    """Any map-style dataset whose items are (input, target): each item through the user's
+    transform (if any), then collated (torch's default_collate, or the user's)."""
 
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
+    def __init__(
+        self,
+        dataset: Any,
+        transform: Callable[[Any], Any] | None = None,
+        collate: Callable[[list[Any]], Any] = default_collate,
+    ) -> None:
+        self.dataset, self.transform, self.collate = dataset, transform, collate
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = default_collate([self.dataset[i] for i in indices.tolist()])
+        items = [self.dataset[i] for i in indices.tolist()]
+        if self.transform is not None:
+            items = [self.transform(item) for item in items]
+        inputs, targets = self.collate(items)
         return inputs, targets
+
+
+def _user_callable(target: str | None, key: str) -> Callable[..., Any] | None:
+    """`data.transform` / `data.collate`: a function, or a class built with no arguments."""
+    if not target:
+        return None
+    obj = resolve_target(target, key)
+    if isinstance(obj, type):
+        obj = call_target(target, key, key)
+    if not callable(obj):
+        raise ConfigError(key, target, f"{type(obj).__name__} is not callable")
+    return obj  # type: ignore[no-any-return]
 
 
 class GlobalBatchSampler:
@@ -297,7 +318,17 @@ def _user_data(cfg: RunConfig) -> Data:
                     f"{e.reason}; a dataset without split= takes data.train_kwargs and "
                     "data.val_kwargs instead, e.g. {train: true} and {train: false}",
                 ) from None
-        return ds if hasattr(ds, "get_batch") else MapDatasetAdapter(ds)
+        if hasattr(ds, "get_batch"):
+            if d.transform or d.collate:
+                key = "data.transform" if d.transform else "data.collate"
+                raise ConfigError(
+                    key, d.transform or d.collate, f"{target} builds its own batches (get_batch)"
+                )
+            return ds  # type: ignore[no-any-return]
+        return MapDatasetAdapter(ds, transform, collate or default_collate)
+
+    transform = _user_callable(d.transform, "data.transform")
+    collate = _user_callable(d.collate, "data.collate")
 
     train, val = make("train"), make("val")
     assert train is not None  # only the validation split may be absent

@@ -15,9 +15,10 @@ from torch import nn
 
 from dist_train.checkpoint.checkpointer import Checkpointer, TrainState
 from dist_train.config import RunConfig, accumulation_steps, micro_batch_size
-from dist_train.data import Data, DataSpec, GlobalBatchSampler
+from dist_train.data import Data, DataSpec
 from dist_train.env import DistEnv, all_reduce_mean
 from dist_train.errors import NonFiniteError
+from dist_train.loader import BatchLoader
 from dist_train.metrics import MetricsLogger, mfu, peak_flops
 from dist_train.models.gpt import GPT, generate
 from dist_train.nonfinite import (
@@ -71,8 +72,14 @@ class Trainer:
         self.loss_fn = build_loss(data.spec)
         self.accum = accumulation_steps(cfg, env.world_size)
         self.micro_batch_size = micro_batch_size(cfg, env.world_size)
-        self.sampler = GlobalBatchSampler(
-            len(data.train), cfg.train.global_batch_size, cfg.train.seed
+        batch, seed = cfg.train.global_batch_size, cfg.train.seed
+        self.train_batches = BatchLoader(
+            data.train, batch, seed, env, self.micro_batch_size, cfg.data
+        )
+        self.val_batches = (
+            BatchLoader(data.val, batch, seed, env, self.micro_batch_size, cfg.data)
+            if data.val is not None
+            else None
         )
         flops = getattr(unwrap(model), "flops_per_token", None)
         peak = peak_flops(cfg.log, env.device, cfg.precision.dtype)
@@ -85,28 +92,15 @@ class Trainer:
         self._warned_scale = False
         self.stopping = False  # some rank was asked to stop: known alike on all at log steps
 
-    def _to_device(
-        self, indices: torch.Tensor, dataset: object
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = dataset.get_batch(indices)  # type: ignore[attr-defined]
-        if self.env.device.type == "cuda":
-            return (
-                x.pin_memory().to(self.env.device, non_blocking=True),
-                y.pin_memory().to(self.env.device, non_blocking=True),
-            )
-        return x, y
-
     def train_step(self, step: int, measure_norm: bool) -> torch.Tensor | None:
         """One optimizer step over this rank's slice of the global batch, in micro-batches."""
         set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.optim.decay_steps))
         before = self._interval_loss.clone() if self.skip_nonfinite else None
-        indices = self.sampler.rank_indices(step, self.env.rank, self.env.world_size)
-        chunks = indices.split(self.micro_batch_size)
-        for i, chunk in enumerate(chunks):
+        for i in range(self.accum):
             self.progress.enter("data", step, i)
-            x, y = self._to_device(chunk, self.data.train)
+            x, y = self.train_batches.get(step, i, self.cfg.train.max_steps)
             self.progress.enter("forward/backward", step, i)
-            with grad_sync(self.model, enabled=i == len(chunks) - 1):
+            with grad_sync(self.model, enabled=i == self.accum - 1):
                 with self.precision.autocast():
                     loss = self.loss_fn(self.model(x), y)
                     if self.accum > 1:  # mean over the rank's whole slice, not one micro-batch
@@ -152,22 +146,16 @@ class Trainer:
     def evaluate(self) -> float | None:
         """Mean validation loss over the same fixed global batches every time, split across
         ranks exactly like training batches and averaged over all of them."""
-        if self.data.val is None or self.cfg.train.eval_batches <= 0:
+        if self.val_batches is None or self.cfg.train.eval_batches <= 0:
             return None
-        sampler = GlobalBatchSampler(
-            len(self.data.val), self.cfg.train.global_batch_size, self.cfg.train.seed
-        )
         model = unwrap(self.model)
         model.eval()
         self.progress.enter("evaluation", self.state.step - 1)
         totals = torch.zeros(2, device=self.env.device)  # loss * samples, samples
-        for b in range(self.cfg.train.eval_batches):
-            indices = sampler.rank_indices(b, self.env.rank, self.env.world_size)
-            for chunk in indices.split(self.micro_batch_size):
-                x, y = self._to_device(chunk, self.data.val)
-                with self.precision.autocast():
-                    totals[0] += self.loss_fn(model(x), y).float() * len(chunk)
-                totals[1] += len(chunk)
+        for _, _, x, y in self.val_batches.iterate(0, self.cfg.train.eval_batches):
+            with self.precision.autocast():
+                totals[0] += self.loss_fn(model(x), y).float() * len(x)
+            totals[1] += len(x)
         model.train()
         all_reduce_mean(totals, self.env)  # the ratio is what matters; mean == sum / world
         return (totals[0] / totals[1]).item()
@@ -310,6 +298,9 @@ class Trainer:
         a DDP reducer still holds it aborts the process now and then (torch 2.13)."""
         self.logger.close()
         self.checkpointer.close()
+        for batches in (self.train_batches, self.val_batches):
+            if batches is not None:
+                batches.close()
         self.model = unwrap(self.model)
         gc.collect()  # DDP's hooks form reference cycles; free it now, not at exit
 

@@ -143,7 +143,15 @@ def test_table_shows_contenders_and_ratios() -> None:
 
 def test_registry_and_parser() -> None:
     names = [b.name for b in BENCHMARKS]
-    assert names == ["overhead", "accelerate", "allreduce", "scaling", "strategies", "checkpoint"]
+    assert names == [
+        "overhead",
+        "accelerate",
+        "allreduce",
+        "scaling",
+        "strategies",
+        "data",
+        "checkpoint",
+    ]
     assert all(callable(load_runner(b)) for b in BENCHMARKS)
     with pytest.raises(ConfigError):
         get_benchmark("nope")
@@ -548,3 +556,23 @@ def test_smoke_checkpoint_two_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     data = smoke_checkpoint(monkeypatch, 2)
     files = set(data["settings"]["dcp_files_bytes"])
     assert {"rng/rank_0.pt", "rng/rank_1.pt", ".metadata", "__0_0.distcp", "__1_0.distcp"} <= files
+
+
+def test_smoke_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three contenders on a cheap version of the costly dataset; the same batches and work."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    tiny = ("data.kwargs.work=200", "data.kwargs.n=256", "model.kwargs.hidden=64")
+    args = BenchArgs("data", None, tiny, nproc=1, steps=2, warmup=1, repeats=2, threads=1)
+    data = load_runner(get_benchmark("data"))(args).to_json()
+    names = ["dist_train", "raw_torch", "dist_train num_workers=0"]
+    assert [r["name"] for r in data["results"]] == names
+    assert len(data["ratios"]) == 2
+    assert all(_finite_positive(r["median"]) for r in data["ratios"].values())
+    assert data["settings"]["num_workers"] == 2 and data["settings"]["sample_work"] == 200
+    assert data["settings"]["max_param_diff"] < 1e-5  # the hand-written loop did the same work
+
+
+def test_data_bench_needs_loading_workers() -> None:
+    args = BenchArgs("data", None, ("data.num_workers=0",), nproc=1, steps=1, warmup=0, repeats=1)
+    with pytest.raises(ConfigError, match=r"data\.num_workers"):
+        load_runner(get_benchmark("data"))(args)

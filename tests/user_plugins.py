@@ -99,3 +99,20 @@ class SlowToBuild(LineDataset):
 
         time.sleep(seconds)
         super().__init__(split, **kwargs)
+
+
+def double_target(item: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-sample transform (`data.transform`)."""
+    x, y = item
+    return x, 2 * y
+
+
+class StackWithMarker:
+    """A collate class (`data.collate`): stacks, and adds 100 to the targets so a test sees it
+    was used."""
+
+    def __call__(
+        self, items: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*items, strict=True)
+        return torch.stack(xs), torch.stack(ys) + 100

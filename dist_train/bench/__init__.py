@@ -86,6 +86,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         warmup=2,
         repeats=6,
     ),
+    Benchmark(
+        "data",
+        "costly map-style samples: DataLoader workers in dist_train vs a hand-written "
+        "DataLoader loop, and vs loading on the training thread",
+        "dist_train.bench.data_bench:run",
+        check="dist_train.bench.data_bench:check_config",
+        repeats=8,
+    ),
     # A save is one operation of a second or so: one per contender per round.
     Benchmark(
         "checkpoint",

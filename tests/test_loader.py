@@ -1,0 +1,112 @@
+"""Background data loading: the same batches, in the same order, with or without worker
+processes, at any world size and from any resume point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_train.config import load_config
+from dist_train.data import build_data
+from dist_train.env import DistEnv
+from dist_train.errors import ConfigError
+from dist_train.loader import BatchLoader
+
+from conftest import TINY_GPT, cli, leftover_processes, train_in_process
+
+USER = ["data._target_=user_plugins.LineDataset", "model._target_=user_plugins.TinyRegressor"]
+
+
+def _batches(
+    workers: int, rank: int, world: int, start: int, stop: int, micro: int = 4
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    cfg = load_config(None, [*USER, f"data.num_workers={workers}", "data.prefetch_factor=3"])
+    data = build_data(cfg)
+    env = DistEnv(rank, rank, world, world, torch.device("cpu"), "gloo")
+    loader = BatchLoader(data.train, 16, 7, env, micro, cfg.data)
+    try:
+        per_step = 16 // world // micro
+        return [loader.get(s, i, stop) for s in range(start, stop) for i in range(per_step)]
+    finally:
+        loader.close()
+
+
+def _global(per_rank: list[list[tuple[torch.Tensor, torch.Tensor]]], steps: int) -> list:
+    """Each step's global batch: the ranks' micro-batches of that step, rank after rank."""
+    n = len(per_rank[0]) // steps
+    return [
+        torch.cat([b[0] for r in per_rank for b in r[s * n : (s + 1) * n]]) for s in range(steps)
+    ]
+
+
+def test_same_batches_for_any_workers_ranks_and_resume() -> None:
+    reference = _global([_batches(0, 0, 1, 0, 6)], 6)
+    with_workers = _global([_batches(2, 0, 1, 0, 6)], 6)
+    two_ranks = _global([_batches(2, r, 2, 0, 6) for r in range(2)], 6)
+    resumed = _global([_batches(2, 0, 1, 0, 3)], 3) + _global([_batches(2, 0, 1, 3, 6)], 3)
+    for other in (with_workers, two_ranks, resumed):
+        assert all(torch.equal(a, b) for a, b in zip(reference, other, strict=True))
+    assert not torch.equal(reference[0], reference[1])  # a real schedule, not one batch repeated
+
+
+def test_training_is_bitwise_the_same_with_workers_and_across_a_resume(tmp_path: Path) -> None:
+    """Dropout on: the loader must not touch the RNG the model draws its masks from."""
+    base = [*TINY_GPT, "model.dropout=0.1", "train.max_steps=8", "log.every_steps=1"]
+    base += ["train.micro_batch_size=8", "train.eval_every=4"]
+    plain = train_in_process([*base, f"train.run_dir={tmp_path / 'a'}"])
+    workers = [*base, "data.num_workers=2", f"train.run_dir={tmp_path / 'b'}"]
+    loaded = train_in_process(workers)
+    assert loaded["losses"] == plain["losses"] and loaded["val"] == plain["val"]
+    resumed_dir = [*base, "data.num_workers=2", f"train.run_dir={tmp_path / 'c'}"]
+    resumed_dir += ["checkpoint.every_steps=3"]
+    assert train_in_process(resumed_dir, stop_at=5)["stopped_at"] == 5
+    resumed = train_in_process(resumed_dir)
+    assert all(resumed["losses"][s] == plain["losses"][s] for s in resumed["losses"])
+    assert min(resumed["losses"]) == 4  # it did resume after the save at step 3
+
+
+def test_workers_are_gone_when_the_loader_closes() -> None:
+    import multiprocessing
+
+    _batches(2, 0, 1, 0, 2)
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+def test_user_transform_and_collate() -> None:
+    cfg = load_config(None, [*USER, "data.transform=user_plugins.double_target"])
+    x, y = build_data(cfg).train.get_batch(torch.arange(4))
+    assert torch.allclose(y, 2 * x.sum(1, keepdim=True) / 4)
+    cfg = load_config(None, [*USER, "data.collate=user_plugins.StackWithMarker"])
+    _, y = build_data(cfg).train.get_batch(torch.arange(4))
+    assert torch.allclose(y, x.sum(1, keepdim=True) / 4 + 100)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.num_workers=-1", "data.num_workers"),
+        ("data.prefetch_factor=0", "data.prefetch_factor"),
+        ("data.pin_memory=sometimes", "data.pin_memory"),
+        ("data.transform=user_plugins.nothing_here", "data.transform"),
+    ],
+)
+def test_bad_loading_settings(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*USER, override])
+    assert e.value.key == key
+
+
+def test_transform_needs_a_map_style_user_dataset() -> None:
+    with pytest.raises(ConfigError, match="user dataset"):
+        load_config(None, ["data.transform=user_plugins.double_target"])
+
+
+@pytest.mark.slow
+def test_no_worker_outlives_a_cli_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["train.max_steps=3", "data.num_workers=2", f"train.run_dir={run_dir}"]
+    out = cli("train", "quickstart", *TINY_GPT, *args)
+    assert out.returncode == 0, out.stderr
+    assert not leftover_processes(str(run_dir))
