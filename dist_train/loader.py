@@ -9,6 +9,7 @@ run that resumes at step s starts its loader at step s: nothing earlier is repla
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dist_train.config import DataConfig
 from dist_train.data import BatchDataset, GlobalBatchSampler
 from dist_train.env import DistEnv
+from dist_train.signals import PREEMPT_SIGNALS
 
 Key = tuple[int, int, torch.Tensor]  # (step, micro-batch, sample indices)
 Batch = tuple[int, int, torch.Tensor, torch.Tensor]  # (step, micro-batch, inputs, targets)
@@ -57,6 +59,14 @@ class _Fetch(Dataset[Batch]):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Schedulers signal every process of a job (SLURM's --signal, a process-group kill): the
+    stop is the training process's to handle, at a log step, with a save that still needs
+    batches. It shuts its loading workers down itself afterwards."""
+    for signum in PREEMPT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def pin_memory(cfg: DataConfig, device: torch.device) -> bool:
@@ -99,6 +109,7 @@ class BatchLoader:
                 # The workers' base seed comes from here, not from the global RNG: starting a
                 # loader must not shift the model's dropout masks.
                 generator=torch.Generator().manual_seed(0),
+                worker_init_fn=_ignore_stop_signals,
             )
         return self._loaders[(start, stop)]
 

@@ -388,3 +388,23 @@ def test_accelerate_launch_modes(tmp_path: Path) -> None:
         out[name] = proc.stdout
     assert "dist-train: 2 workers (1 node(s)), gloo on cpu" in out["multi"], out["multi"][-2000:]
     assert "note: `accelerate launch` started a single process" in out["cpu"]
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_whole_job_spares_the_loading_workers(tmp_path: Path) -> None:
+    """SLURM signals every process of a job step, DataLoader workers included: they must keep
+    serving batches until the training process has saved (a dead one fails the save)."""
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "--nproc", "2", "data.num_workers=2", "log.every_steps=5")
+    try:
+        wait_for_metrics(run_dir, proc)
+        os.killpg(proc.pid, signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-2000:]
+    line = next(x for x in err.splitlines() if x.startswith("preempted (SIGUSR1) at step "))
+    step = int(line.split(" at step ")[1].split(":")[0])
+    assert (run_dir / "checkpoints" / f"step_{step:07d}").is_dir()
+    assert leftover_processes(str(run_dir)) == []
