@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import pickle
+import random
 import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,12 +90,25 @@ class MapDatasetAdapter:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [self.dataset[i] for i in indices.tolist()]
-        if self.transform is not None:
-            items = [self.transform(item) for item in items]
+    def get_batch(
+        self, indices: torch.Tensor, seeds: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`seeds`: one per sample, set in torch, `random` and numpy before the sample is read,
+        so its random augmentation depends on nothing else (loading workers pass them)."""
+        items = []
+        for n, i in enumerate(indices.tolist()):
+            if seeds is not None:
+                seed_everything(seeds[n])
+            item = self.dataset[i]
+            items.append(item if self.transform is None else self.transform(item))
         inputs, targets = self.collate(items)
         return inputs, targets
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def _user_callable(target: str | None, key: str) -> Callable[..., Any] | None:

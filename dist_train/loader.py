@@ -17,11 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dist_train.config import DataConfig
-from dist_train.data import BatchDataset, GlobalBatchSampler
+from dist_train.data import BatchDataset, GlobalBatchSampler, MapDatasetAdapter
 from dist_train.env import DistEnv
 from dist_train.signals import PREEMPT_SIGNALS
 
-Key = tuple[int, int, torch.Tensor]  # (step, micro-batch, sample indices)
+Key = tuple[int, int, torch.Tensor, int]  # (step, micro-batch, indices, stream position)
 Batch = tuple[int, int, torch.Tensor, torch.Tensor]  # (step, micro-batch, inputs, targets)
 
 
@@ -35,10 +35,13 @@ class StepSchedule(Sampler[Key]):
         self.start, self.stop = start, stop
 
     def __iter__(self) -> Iterator[Key]:
+        batch, world, rank = self.sampler.global_batch_size, self.env.world_size, self.env.rank
         for step in range(self.start, self.stop):
-            indices = self.sampler.rank_indices(step, self.env.rank, self.env.world_size)
+            indices = self.sampler.rank_indices(step, rank, world)
             for i, chunk in enumerate(indices.split(self.micro)):
-                yield step, i, chunk
+                # Where the micro-batch's first sample sits in the run's stream of samples:
+                # the same at any world size and for any resume point.
+                yield step, i, chunk, step * batch + rank * (batch // world) + i * self.micro
 
     def __len__(self) -> int:
         per_step = -(-self.sampler.global_batch_size // self.env.world_size // self.micro)
@@ -47,14 +50,22 @@ class StepSchedule(Sampler[Key]):
 
 class _Fetch(Dataset[Batch]):
     """A key in, a whole micro-batch out: datasets read batches at once (`get_batch`), so token
-    windows stay one vectorized gather and map-style datasets are collated in the worker."""
+    windows stay one vectorized gather and map-style datasets are collated in the worker.
 
-    def __init__(self, dataset: BatchDataset) -> None:
-        self.dataset = dataset
+    A map-style sample is read with the RNGs seeded from (train.seed, split, its position in
+    the stream): random augmentation is then the same for any number of loading workers, any
+    world size and any resume point (a worker's own RNG is not in the checkpoint)."""
+
+    def __init__(self, dataset: BatchDataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
 
     def __getitem__(self, key: Key) -> Batch:  # type: ignore[override]
-        step, i, indices = key
-        x, y = self.dataset.get_batch(indices)
+        step, i, indices, first = key
+        if isinstance(self.dataset, MapDatasetAdapter):
+            seeds = [self.seed + p * 0x9E3779B1 for p in range(first, first + len(indices))]
+            x, y = self.dataset.get_batch(indices, [s % 2**63 for s in seeds])
+        else:
+            x, y = self.dataset.get_batch(indices)
         return step, i, x, y
 
     def __len__(self) -> int:
@@ -85,9 +96,11 @@ class BatchLoader:
         env: DistEnv,
         micro: int,
         cfg: DataConfig,
+        split: str = "train",
     ) -> None:
         self.dataset, self.env, self.micro, self.cfg = dataset, env, micro, cfg
         self.sampler = GlobalBatchSampler(len(dataset), global_batch_size, seed)
+        self.seed = seed * 1_000_003 + (split != "train")  # per-sample seeds differ by split
         self.pin = pin_memory(cfg, env.device)
         self._loaders: dict[tuple[int, int], DataLoader[Batch]] = {}
         self._stream: Iterator[Batch] | None = None
@@ -99,7 +112,7 @@ class BatchLoader:
         range (evaluation) without being forked again."""
         if (start, stop) not in self._loaders:
             self._loaders[(start, stop)] = DataLoader(
-                _Fetch(self.dataset),
+                _Fetch(self.dataset, self.seed),
                 sampler=StepSchedule(self.sampler, self.env, self.micro, start, stop),
                 batch_size=None,  # the keys are whole micro-batches already
                 num_workers=self.cfg.num_workers,
@@ -116,7 +129,7 @@ class BatchLoader:
     def iterate(self, start: int, stop: int) -> Iterator[Batch]:
         """Every micro-batch of steps [start, stop), in order, on the device."""
         if self.cfg.num_workers == 0:
-            for step, i, chunk in StepSchedule(self.sampler, self.env, self.micro, start, stop):
+            for step, i, chunk, _ in StepSchedule(self.sampler, self.env, self.micro, start, stop):
                 x, y = self.dataset.get_batch(chunk)
                 yield step, i, *self._to_device(x, y, pin=self.pin)
         else:

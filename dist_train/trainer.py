@@ -77,7 +77,7 @@ class Trainer:
             data.train, batch, seed, env, self.micro_batch_size, cfg.data
         )
         self.val_batches = (
-            BatchLoader(data.val, batch, seed, env, self.micro_batch_size, cfg.data)
+            BatchLoader(data.val, batch, seed, env, self.micro_batch_size, cfg.data, "val")
             if data.val is not None
             else None
         )

@@ -20,9 +20,10 @@ USER = ["data._target_=user_plugins.LineDataset", "model._target_=user_plugins.T
 
 
 def _batches(
-    workers: int, rank: int, world: int, start: int, stop: int, micro: int = 4
+    workers: int, rank: int, world: int, start: int, stop: int, micro: int = 4, *extra: str
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    cfg = load_config(None, [*USER, f"data.num_workers={workers}", "data.prefetch_factor=3"])
+    overrides = [*USER, f"data.num_workers={workers}", "data.prefetch_factor=3", *extra]
+    cfg = load_config(None, overrides)
     data = build_data(cfg)
     env = DistEnv(rank, rank, world, world, torch.device("cpu"), "gloo")
     loader = BatchLoader(data.train, 16, 7, env, micro, cfg.data)
@@ -49,6 +50,21 @@ def test_same_batches_for_any_workers_ranks_and_resume() -> None:
     for other in (with_workers, two_ranks, resumed):
         assert all(torch.equal(a, b) for a, b in zip(reference, other, strict=True))
     assert not torch.equal(reference[0], reference[1])  # a real schedule, not one batch repeated
+
+
+def test_random_augmentation_in_workers_is_a_function_of_the_sample_position() -> None:
+    """A worker's RNG is not in the checkpoint: each sample is seeded from its place in the
+    stream, so augmentations agree for 1 or 2 loading workers, 1 or 2 ranks, and a resume."""
+    aug = "data.transform=user_plugins.jitter"
+    one = _global([_batches(1, 0, 1, 0, 4, 4, aug)], 4)
+    two = _global([_batches(2, 0, 1, 0, 4, 4, aug)], 4)
+    ranks = _global([_batches(2, r, 2, 0, 4, 4, aug) for r in range(2)], 4)
+    resumed = _global([_batches(2, 0, 1, 2, 4, 4, aug)], 2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(one, ranks, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(one[2:], resumed, strict=True))
+    plain = _global([_batches(1, 0, 1, 0, 4)], 4)
+    assert not torch.equal(one[0], plain[0])  # the augmentation did run
 
 
 def test_training_is_bitwise_the_same_with_workers_and_across_a_resume(tmp_path: Path) -> None:

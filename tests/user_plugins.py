@@ -116,3 +116,9 @@ class StackWithMarker:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = zip(*items, strict=True)
         return torch.stack(xs), torch.stack(ys) + 100
+
+
+def jitter(item: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random augmentation drawing from torch's global RNG, as torchvision's do."""
+    x, y = item
+    return x + torch.rand(x.shape), y
