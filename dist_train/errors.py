@@ -39,7 +39,7 @@ def first_line(error: BaseException) -> str:
 
 
 # Optional packages a `_target_` may name, and the extra of ours that installs them.
-EXTRAS = {"transformers": "hf", "accelerate": "accelerate"}
+EXTRAS = {"transformers": "hf"}
 
 
 def install_hint(error: ImportError) -> str:
