@@ -15,7 +15,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dist_train.errors import ConfigError
+from dist_train.errors import ConfigError, install_hint
 from dist_train.yaml_io import (
     ALIASES,
     aliased,
@@ -313,7 +313,8 @@ def resolve_target(target: str, key: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(key, target, f"cannot import module '{module_name}': {e}") from None
+        reason = f"cannot import module '{module_name}': {e}{install_hint(e)}"
+        raise ConfigError(key, target, reason) from None
     if not hasattr(module, attr):
         raise ConfigError(key, target, f"module '{module_name}' has no attribute '{attr}'")
     return getattr(module, attr)

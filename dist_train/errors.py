@@ -36,3 +36,13 @@ def first_line(error: BaseException) -> str:
     the reason last, after the C++ location)."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(error).__name__
+
+
+# Optional packages a `_target_` may name, and the extra of ours that installs them.
+EXTRAS = {"transformers": "hf"}
+
+
+def install_hint(error: ImportError) -> str:
+    """'; pip install ...' when the missing module is an optional dependency of ours."""
+    extra = EXTRAS.get((error.name or "").partition(".")[0])
+    return f"; pip install 'dist-train[{extra}]'" if extra else ""

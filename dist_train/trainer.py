@@ -20,7 +20,7 @@ from dist_train.env import DistEnv, all_reduce_mean
 from dist_train.errors import NonFiniteError
 from dist_train.loader import BatchLoader
 from dist_train.metrics import MetricsLogger, mfu, peak_flops
-from dist_train.models.gpt import GPT, generate
+from dist_train.models.protocol import logits_of, sampler
 from dist_train.nonfinite import (
     check_finite_before_save,
     check_logged_loss,
@@ -33,15 +33,18 @@ from dist_train.precision import Precision
 from dist_train.signals import Preempted, StopRequest
 from dist_train.watch import Progress
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
 def build_loss(spec: DataSpec) -> LossFn:
+    """The task's loss of a model's output (a tensor, or an object holding `logits`, as
+    transformers models return). LM targets come shifted from the data already, so a
+    transformers model is never given `labels=` (it would shift them again)."""
     if spec.task == "lm":
-        return lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return lambda out, y: F.cross_entropy(logits_of(out).flatten(0, 1), y.flatten())
     if spec.task == "regression":
-        return F.mse_loss
-    return F.cross_entropy
+        return lambda out, y: F.mse_loss(logits_of(out), y)
+    return lambda out, y: F.cross_entropy(logits_of(out), y)
 
 
 @dataclass
@@ -65,7 +68,10 @@ class Trainer:
         logger: MetricsLogger,
         stop: StopRequest,
         progress: Progress,
+        flops_per_token: float | None = None,
     ) -> None:
+        """`flops_per_token`: training FLOPs per token for the `mfu` metric (see
+        `build.flops_for_mfu`; counted before wrapping), None for no mfu."""
         self.cfg, self.env, self.data, self.model = cfg, env, data, model
         self.optimizer, self.precision, self.checkpointer = optimizer, precision, checkpointer
         self.state, self.logger, self.stop, self.progress = state, logger, stop, progress
@@ -81,9 +87,8 @@ class Trainer:
             if data.val is not None
             else None
         )
-        flops = getattr(unwrap(model), "flops_per_token", None)
         peak = peak_flops(cfg.log, env.device, cfg.precision.dtype)
-        self._mfu_inputs = (flops(), peak) if flops is not None and peak else None
+        self._mfu_inputs = (flops_per_token, peak) if flops_per_token and peak else None
         # Loss summed on the device between log steps: no host sync on steps that do not log.
         self._interval_loss = torch.zeros((), device=env.device)
         # on_nonfinite=skip: updates dropped (in total, in a row, in this log interval).
@@ -308,14 +313,14 @@ class Trainer:
         """Every rank samples the same text (same seed): under FSDP2 each forward gathers
         parameters collectively, so all ranks must take part. Only the main rank prints."""
         spec, chars = self.data.spec, self.cfg.train.sample_chars
-        model = unwrap(self.model)
-        if not (chars > 0 and spec.encode and spec.decode and isinstance(model, GPT)):
+        sample = sampler(unwrap(self.model))  # the model's own, a causal LM's, or none
+        if not (chars > 0 and spec.encode and spec.decode and sample is not None):
             return None
         prompt_ids = spec.encode(self.cfg.train.sample_prompt) or [0]
         prompt = torch.tensor([prompt_ids], device=self.env.device)
         g = torch.Generator(device=self.env.device).manual_seed(self.cfg.train.seed)
         with self.precision.autocast():
-            out = generate(model, prompt, chars, generator=g)
+            out = sample(prompt, chars, g)
         text = spec.decode(out[0].tolist())
         self.logger.print(f"--- sample ({chars} characters) ---\n{text}\n---")
         return text

@@ -122,3 +122,41 @@ def jitter(item: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch
     """A random augmentation drawing from torch's global RNG, as torchvision's do."""
     x, y = item
     return x + torch.rand(x.shape), y
+
+
+class PlainLM(nn.Module):
+    """A token model offering nothing of the model protocol (no FSDP units, no
+    FLOPs figure, no sampling) and returning a dict with `logits`, as some libraries do."""
+
+    def __init__(self, vocab_size: int, width: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
+        self.head = nn.Linear(width, vocab_size)
+
+    def forward(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(self.mlp(self.embed(idx)))}
+
+
+class MarkerSequences(torch.utils.data.Dataset):
+    """Token sequences labeled by the marker token (id 0..classes-1) they start with, where
+    BERT keeps its [CLS] token, among random filler: sequence classification that a tiny BERT
+    learns in a few dozen steps."""
+
+    task = "classification"
+
+    def __init__(
+        self, split: str, n: int = 256, length: int = 12, vocab: int = 24, classes: int = 3
+    ) -> None:
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        self.x = torch.randint(classes, vocab, (n, length), generator=g)
+        self.y = torch.randint(0, classes, (n,), generator=g)
+        self.x[:, 0] = self.y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]

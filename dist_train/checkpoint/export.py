@@ -24,6 +24,7 @@ from dist_train.checkpoint.files import (
     single_process_quiet,
 )
 from dist_train.errors import ConfigError
+from dist_train.models.hf import is_pretrained_dir, load_pretrained
 
 
 def load_model_weights(source: str, key: str) -> dict[str, torch.Tensor]:
@@ -62,8 +63,11 @@ def export(source: str, out: str) -> Path:
 
 
 def init_model(model: nn.Module, source: str | None, freeze: list[str]) -> None:
-    """`model.init_from` then `model.freeze`, on the plain model before any wrapping."""
-    if source:
+    """`model.init_from` then `model.freeze`, on the plain model before any wrapping. A
+    `save_pretrained` folder is read by transformers (the model was built from its config)."""
+    if is_pretrained_dir(source):
+        load_pretrained(model, str(source), "model.init_from")
+    elif source:
         weights = load_model_weights(source, "model.init_from")
         try:
             result = model.load_state_dict(weights, strict=False)
