@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
+from itertools import count
 from typing import Any
 
 import torch
@@ -26,26 +27,23 @@ Batch = tuple[int, int, torch.Tensor, torch.Tensor]  # (step, micro-batch, input
 
 
 class StepSchedule(Sampler[Key]):
-    """Steps [start, stop): this rank's slice of each global batch, in micro-batches."""
+    """Steps [start, stop) (stop None: endless): this rank's slice of each global batch, in
+    micro-batches."""
 
     def __init__(
-        self, sampler: GlobalBatchSampler, env: DistEnv, micro: int, start: int, stop: int
+        self, sampler: GlobalBatchSampler, env: DistEnv, micro: int, start: int, stop: int | None
     ) -> None:
         self.sampler, self.env, self.micro = sampler, env, micro
         self.start, self.stop = start, stop
 
     def __iter__(self) -> Iterator[Key]:
         batch, world, rank = self.sampler.global_batch_size, self.env.world_size, self.env.rank
-        for step in range(self.start, self.stop):
+        for step in range(self.start, self.stop) if self.stop is not None else count(self.start):
             indices = self.sampler.rank_indices(step, rank, world)
             for i, chunk in enumerate(indices.split(self.micro)):
                 # Where the micro-batch's first sample sits in the run's stream of samples:
                 # the same at any world size and for any resume point.
                 yield step, i, chunk, step * batch + rank * (batch // world) + i * self.micro
-
-    def __len__(self) -> int:
-        per_step = -(-self.sampler.global_batch_size // self.env.world_size // self.micro)
-        return max(0, self.stop - self.start) * per_step
 
 
 class _Fetch(Dataset[Batch]):
@@ -102,12 +100,12 @@ class BatchLoader:
         self.sampler = GlobalBatchSampler(len(dataset), global_batch_size, seed)
         self.seed = seed * 1_000_003 + (split != "train")  # per-sample seeds differ by split
         self.pin = pin_memory(cfg, env.device)
-        self._loaders: dict[tuple[int, int], DataLoader[Batch]] = {}
+        self._loaders: dict[tuple[int, int | None], DataLoader[Batch]] = {}
         self._stream: Iterator[Batch] | None = None
-        self._stream_range = (-1, -1)
+        self._stream_range: tuple[int, int | None] = (-1, None)
         self._next = (-1, -1)  # the (step, micro-batch) the stream yields next
 
-    def _loader(self, start: int, stop: int) -> DataLoader[Batch]:
+    def _loader(self, start: int, stop: int | None) -> DataLoader[Batch]:
         """One DataLoader per range, kept: persistent workers then serve every pass over a fixed
         range (evaluation) without being forked again."""
         if (start, stop) not in self._loaders:
@@ -126,8 +124,8 @@ class BatchLoader:
             )
         return self._loaders[(start, stop)]
 
-    def iterate(self, start: int, stop: int) -> Iterator[Batch]:
-        """Every micro-batch of steps [start, stop), in order, on the device."""
+    def iterate(self, start: int, stop: int | None) -> Iterator[Batch]:
+        """Every micro-batch of steps [start, stop) (None: endless), in order, on the device."""
         if self.cfg.num_workers == 0:
             for step, i, chunk, _ in StepSchedule(self.sampler, self.env, self.micro, start, stop):
                 x, y = self.dataset.get_batch(chunk)
@@ -148,12 +146,13 @@ class BatchLoader:
             y.to(self.env.device, non_blocking=True),
         )
 
-    def get(self, step: int, i: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Micro-batch i of `step`. Training asks in order, so this reads one stream running up
-        to `stop`; anything else (the first call, a resume) starts a new stream at `step`."""
+    def get(self, step: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch i of `step`. Training asks in order, so this reads one endless stream
+        (loading workers run ahead of it); anything else (the first call, a resume) starts a new
+        stream at `step`."""
         if self._stream is None or self._next != (step, i):
             self._end_stream()
-            self._stream, self._stream_range = self.iterate(step, stop), (step, stop)
+            self._stream, self._stream_range = self.iterate(step, None), (step, None)
             for _ in range(i):  # a start inside a step (the trainer never asks for one)
                 next(self._stream)
         got_step, got_i, x, y = next(self._stream)

@@ -103,7 +103,7 @@ class Trainer:
         before = self._interval_loss.clone() if self.skip_nonfinite else None
         for i in range(self.accum):
             self.progress.enter("data", step, i)
-            x, y = self.train_batches.get(step, i, self.cfg.train.max_steps)
+            x, y = self.train_batches.get(step, i)
             self.progress.enter("forward/backward", step, i)
             with grad_sync(self.model, enabled=i == self.accum - 1):
                 with self.precision.autocast():
