@@ -16,6 +16,7 @@ from safetensors.torch import load_file, load_model
 from dist_train.checkpoint.export import export, init_model
 from dist_train.checkpoint.files import MANIFEST, complete_checkpoints
 from dist_train.checkpoint.serving import serving_metadata
+from dist_train.cli import build_parser
 from dist_train.config import load_config
 from dist_train.errors import ConfigError
 from dist_train.models.gpt import GPT
@@ -167,3 +168,9 @@ def test_fsdp_checkpoint_exports_tied_weights_once(tmp_path: Path) -> None:
     out = export(str(tmp_path / "r"), str(tmp_path / "m.safetensors"), "fp32", print)
     for name, tensor in gpt_from_export(out).state_dict().items():
         assert torch.equal(tensor, params[name]), name
+
+
+def test_export_help_lists_dtype(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "--help"])
+    assert "--dtype DTYPE" in capsys.readouterr().out
