@@ -213,17 +213,7 @@ def _token_data(cfg: RunConfig) -> Data:
         )
     train = _token_file(root / "train.bin")
     val = _token_file(root / "val.bin") if (root / "val.bin").is_file() else None
-    meta: dict[str, Any] = {}
-    if (root / "meta.pkl").is_file():
-        try:
-            with open(root / "meta.pkl", "rb") as f:
-                meta = pickle.load(f)  # the user's own prepared file, as nanoGPT writes it
-        except Exception as e:
-            raise ConfigError(
-                "data.path",
-                str(root / "meta.pkl"),
-                f"not a readable pickle ({type(e).__name__}: {e})",
-            ) from None
+    meta = read_meta_pkl(root)
     # The largest id decides the embedding a model needs: checked here, not at the first
     # forward pass inside the workers (one pass over the memory-mapped tokens).
     top = max(int(t.max()) for t in (train, val) if t is not None and len(t))
@@ -252,6 +242,21 @@ def _token_data(cfg: RunConfig) -> Data:
         decode=decode,
     )
     return _split_windows(cfg, train, val, spec, "data.path")
+
+
+def read_meta_pkl(root: Path) -> dict[str, Any]:
+    """nanoGPT's optional `meta.pkl` (vocab_size, itos, stoi) in a token folder, or {}."""
+    if not (root / "meta.pkl").is_file():
+        return {}
+    try:
+        with open(root / "meta.pkl", "rb") as f:
+            return pickle.load(f)  # the user's own prepared file, as nanoGPT writes it
+    except Exception as e:
+        raise ConfigError(
+            "data.path",
+            str(root / "meta.pkl"),
+            f"not a readable pickle ({type(e).__name__}: {e})",
+        ) from None
 
 
 def _token_file(path: Path) -> np.ndarray:

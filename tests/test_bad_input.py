@@ -227,6 +227,18 @@ def _hold_lock(run: Path) -> None:  # a live process on this host: this test's o
 RUN_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
     ("export to a directory", lambda run: None, ["export", "{run}", "--out", "{run}"], "--out="),
     (
+        "export in an unknown dtype",
+        lambda run: None,
+        ["export", "{run}", "--out", "{tmp}/m.safetensors", "--dtype", "int8"],
+        "--dtype='int8'",
+    ),
+    (
+        "export of an export",
+        lambda run: (run / "m.safetensors").write_bytes(b""),
+        ["export", "{run}/m.safetensors", "--out", "{tmp}/m.safetensors"],
+        "checkpoint=",
+    ),
+    (
         "export of a truncated shard",
         _truncate,
         ["export", "{run}", "--out", "{tmp}/m.safetensors"],
