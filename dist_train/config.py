@@ -106,7 +106,14 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = 0  # steps between evaluations (0: only at the end)
-    eval_batches: int = 4  # global batches of validation data per evaluation
+    eval_batches: int = 4  # sampled evaluation: seeded global batches of validation data
+    # full: every validation sample exactly once (the last batch partial, at any world size) |
+    # sampled: eval_batches global batches drawn like training batches | auto: full when the
+    # validation set is no larger than eval_batches x global_batch_size, else sampled.
+    eval_mode: str = "auto"
+    # Your own evaluation metrics by import path (see dist_train/evaluation.py), besides the
+    # task's: loss (+ perplexity for lm; + accuracy, precision, recall, f1 for classification).
+    metrics: list[str] = field(default_factory=list)
     sample_chars: int = 0  # text: characters to generate at the end (0: none)
     sample_prompt: str = "\n"
     compile: bool = (
@@ -192,6 +199,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision.dtype": ("fp32", "bf16", "fp16"),
     "log.progress": ("auto", "always", "never"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.eval_mode": ("auto", "full", "sampled"),
 }
 POSITIVE = (
     "train.max_steps",
@@ -284,6 +292,8 @@ def validate(cfg: RunConfig) -> None:
         target = get_key(cfg, f"{section}._target_")
         if target:
             resolve_target(target, f"{section}._target_")
+    for metric in cfg.train.metrics:
+        resolve_target(metric, "train.metrics")
 
 
 def _validate_loading(d: DataConfig) -> None:
