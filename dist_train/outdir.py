@@ -36,10 +36,10 @@ class OutputDir:
         self.path = path
         previous = _check(path)
         if previous is not None:
-            log(
-                f"{path}: the data prepared there earlier ({previous.get('train_tokens', '?')} "
-                "train tokens) is replaced once this run completes"
-            )
+            log(f"{path}: {previous} will be replaced once this run completes")
+        for stale in _leftovers(path):
+            log(f"{path}: removing {stale.name}, left by a prepare that was killed")
+            shutil.rmtree(stale, ignore_errors=True)
         self.created: list[Path] = []  # folders made here, removed again on failure
         self.staging = path / f"{STAGING}{os.getpid()}"
         try:
@@ -77,19 +77,17 @@ class OutputDir:
                 break
 
 
-def _check(path: Path) -> dict[str, Any] | None:
-    """The meta of the earlier prepare to replace, None for a new or empty folder."""
+def _check(path: Path) -> str | None:
+    """What an earlier prepare left there (to be replaced), None for a new or empty folder."""
     if path.exists() and not path.is_dir():
         raise ConfigError("--out", str(path), "is a file; give a new or empty directory")
-    names = (
-        sorted(p.name for p in path.iterdir() if not p.name.startswith(STAGING))
-        if (path.is_dir())
-        else []
-    )
+    entries = sorted(path.iterdir()) if path.is_dir() else []
+    names = [p.name for p in entries if not p.name.startswith(STAGING)]
     if not names:
         return None
     previous = read_meta(path)
-    if previous is None or not set(names) <= set(OUTPUTS):
+    interrupted = previous is None and len(names) < len(entries)  # killed amid its renames
+    if not set(names) <= set(OUTPUTS) or not (previous or interrupted):
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         raise ConfigError(
             "--out",
@@ -97,7 +95,22 @@ def _check(path: Path) -> dict[str, Any] | None:
             f"holds {shown}, which dist-train prepare did not write; give a new or empty "
             "directory (or an earlier prepare's output, which is replaced)",
         )
-    return previous
+    if previous is None:
+        return "the files of an interrupted prepare"
+    return f"the data prepared there earlier ({previous.get('train_tokens', '?')} train tokens)"
+
+
+def _leftovers(path: Path) -> list[Path]:
+    """Staging folders of prepares no longer running (a kill -9 skips all cleanup)."""
+    found = []
+    for entry in path.glob(f"{STAGING}*") if path.is_dir() else []:
+        try:
+            os.kill(int(entry.name[len(STAGING) :]), 0)
+        except ProcessLookupError:
+            found.append(entry)
+        except (ValueError, OSError):  # not our name, or a live process of another user
+            pass
+    return found
 
 
 def _write_synced(path: Path, text: str) -> None:

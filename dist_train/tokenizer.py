@@ -14,7 +14,10 @@ import numpy as np
 
 from dist_train.errors import ConfigError, first_line, import_extra
 
-EOT = "<|endoftext|>"  # GPT-2's end-of-text token: separates documents when the vocabulary has it
+EOT = "<|endoftext|>"  # GPT-2's end-of-text token; a BPE learned here has it
+# The first of these in a tokenizer's vocabulary separates documents (GPT-2, Llama 3, Llama 2 /
+# Mistral, Gemma); without any, documents end with a newline, as with char and bytes.
+EOT_NAMES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
 TOKENIZER_FILE = "tokenizer.json"
 KINDS = ("char", "bytes", "bpe")  # --tokenizer NAME; anything else is a tokenizer.json path
 SEGMENT_CHARS = 4096  # the longest string handed to the tokenizers library (see `segments`)
@@ -90,14 +93,15 @@ class BytesCodec:
 
 class TokenizersCodec:
     """A `tokenizers.Tokenizer`: documents are encoded without the tokenizer's own special
-    tokens (a BERT-style [CLS]/[SEP] means nothing to a language model) and followed by
-    <|endoftext|> when the vocabulary has it."""
+    tokens (a BERT-style [CLS]/[SEP] means nothing to a language model) and followed by its
+    end-of-text token when the vocabulary has one of EOT_NAMES."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         # The largest id, not the entry count: a vocabulary may have gaps.
         self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
-        self.eot = tokenizer.token_to_id(EOT)
+        found = [tokenizer.token_to_id(name) for name in EOT_NAMES]
+        self.eot = next((i for i in found if i is not None), None)
 
     def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
         parts = [segments(t) for t in texts]

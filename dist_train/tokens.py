@@ -15,7 +15,7 @@ import numpy as np
 from dist_train.config import RunConfig
 from dist_train.data import Data, DataSpec, _split_windows
 from dist_train.errors import ConfigError
-from dist_train.outdir import FORMAT, META, VERSION
+from dist_train.outdir import FORMAT, META, STAGING, VERSION
 from dist_train.tokenizer import codec_from_meta
 
 KEY = "data.path"
@@ -46,6 +46,10 @@ def token_data(cfg: RunConfig) -> Data:
         meta = _meta_json(root)
     elif (root / "meta.pkl").is_file():
         meta = _meta_pkl(root)
+    elif any(root.glob(f"{STAGING}*")):  # train.bin without its meta.json: mid-replacement
+        raise ConfigError(
+            KEY, cfg.data.path, "a dist-train prepare is writing here or was killed; run it again"
+        )
     else:
         meta = TokenMeta()
     train = _token_file(root / "train.bin", meta)

@@ -145,6 +145,28 @@ def test_bpe_learned_from_the_input_then_reused(tmp_path: Path) -> None:
     assert all_ids(tmp_path / "given") == tokens and again["tokenizer"] == meta["tokenizer"]
 
 
+@pytest.mark.parametrize("special", ["</s>", None])
+def test_tokenizer_json_end_of_text_or_newline(tmp_path: Path, special: str | None) -> None:
+    tk = pytest.importorskip("tokenizers")
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=280, special_tokens=[special] if special else [])
+    tok.train_from_iterator(DOCS, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    docs = ["no newline", "with one\n"]
+    meta = prep(
+        [write_jsonl(tmp_path / "d.jsonl", docs)], tmp_path / "out", tokenizer=str(tmp_path)
+    )
+    tokens = all_ids(tmp_path / "out")
+    if special:  # Llama 2's end of text, found by name: after every document
+        eot = tok.token_to_id(special)
+        assert meta["eot_token"] == eot and tokens.count(eot) == 2 and tokens[-1] == eot
+        assert tok.decode(tokens) == "no newlinewith one\n"
+    else:  # none in the vocabulary: each document ends with a newline, as with char
+        assert meta["eot_token"] is None and tok.decode(tokens) == "no newline\nwith one\n"
+
+
 @pytest.mark.parametrize("tokenizer", ["char", "bpe"])
 def test_any_number_of_workers_writes_the_same_bytes(tmp_path: Path, tokenizer: str) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", DOCS * 3)
@@ -315,7 +337,9 @@ def test_bad_input_is_one_error_and_leaves_nothing(
     assert not (tmp_path / "new").exists()
 
 
-def test_output_dir_rules_and_atomic_replacement(tmp_path: Path) -> None:
+def test_output_dir_rules_and_atomic_replacement(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine/notes.txt").write_text("keep me")
     with pytest.raises(
@@ -333,6 +357,15 @@ def test_output_dir_rules_and_atomic_replacement(tmp_path: Path) -> None:
     meta = prep([_corpus(tmp_path)], out, tokenizer="bytes", val_fraction=0)
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin"]  # stale files go
     assert meta["train_tokens"] == len(ids(out))
+    (out / ".prepare-999999999").mkdir()  # what a prepare killed by SIGKILL leaves
+    (out / "meta.json").unlink()  # ... when killed between its last renames
+    with pytest.raises(ConfigError, match="a dist-train prepare is writing here or was killed"):
+        loaded(out)
+    prep([_corpus(tmp_path)], out, tokenizer="bytes")
+    assert capsys.readouterr().out.endswith(
+        "removing .prepare-999999999, left by a prepare that was killed\n"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
 def test_progress_line_without_a_terminal() -> None:
