@@ -1,4 +1,4 @@
-"""The `dist-train` command: train, check, export, bench.
+"""The `dist-train` command: train, check, export, prepare, bench.
 
 User errors print as one line on stderr and exit with status 2, before any worker starts
 whenever they can be found in the parent. Sub-commands import what they need when they run, so
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import dist_train
 from dist_train.bench import add_bench_parser
 from dist_train.errors import DistTrainError, PeerError
+from dist_train.prepare_cli import add_prepare_parser
 from dist_train.rundir import OWNER_ENV, RunLock, owned_run_dir, prepare
 from dist_train.signals import (
     EXIT_PREEMPTED,
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="floating tensors as fp32 (default, as trained), bf16 or fp16",
     )
     export.set_defaults(func=cmd_export, overrides=[])
+    add_prepare_parser(sub)
     add_bench_parser(sub)
     return parser
 

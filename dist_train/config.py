@@ -61,7 +61,7 @@ class DataConfig:
     )
     max_chars: int = 2_000_000  # text: cap on characters read from the default corpus (0 = all)
     val_fraction: float = 0.1  # text/tokens: tail of the corpus; synthetic: random split by seed
-    vocab_size: int = 0  # tokens: 0 = meta.pkl's vocab_size, else max token id + 1
+    vocab_size: int = 0  # tokens: 0 = meta.json's/meta.pkl's vocab_size, else max id + 1
     task: str = "classification"  # synthetic: classification | regression
     num_samples: int = 4096  # synthetic: total samples before the split
     input_shape: list[int] = field(default_factory=lambda: [32])  # synthetic: e.g. [3, 16, 16]

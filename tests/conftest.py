@@ -86,9 +86,9 @@ def cli(
     """The installed `dist-train` script, as a user runs it. By default from an empty temporary
     directory: relative run directories land there, and `configs/NAME.yaml` resolves to the
     shipped config, so no test reads or writes the checkout's own `runs/`."""
-    # The checkout under test before the installed package: the venv's editable install may
-    # point at another checkout (a git worktree), whose code would then be what runs.
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    # The checkout under test first: an editable install of another checkout (or a worktree's
+    # main) must not answer for `dist_train` in the subprocess.
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
         full_env.pop(var, None)  # inherited ones only: a test may set them on purpose
     full_env.update(env or {})
