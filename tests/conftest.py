@@ -214,6 +214,7 @@ def train_in_process(
         out = {
             "losses": result.losses,
             "val": result.val_losses,
+            "val_metrics": result.val_metrics,
             "params": params,
             "local_numel": local_numel(model),
             "numel": sum(p.numel() for p in model.parameters()),

@@ -160,3 +160,35 @@ class MarkerSequences(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[i], self.y[i]
+
+
+class IndexedSamples(torch.utils.data.Dataset):
+    """Regression samples whose target is their own index: a metric can see which samples an
+    evaluation counted, and how often."""
+
+    task = "regression"
+
+    def __init__(self, split: str, n: int = 10) -> None:
+        self.x = torch.randn(n, 8, generator=torch.Generator().manual_seed(len(split)))
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], torch.tensor([float(i)])
+
+
+class SampleCounter:
+    """A user metric (`train.metrics`): how many samples, and the sums of their ids and squared
+    ids (each sample counted once gives n, n(n-1)/2 and (n-1)n(2n-1)/6)."""
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ids = target.flatten().double()
+        return torch.stack(
+            [torch.tensor(float(len(ids)), dtype=torch.float64), ids.sum(), (ids**2).sum()]
+        )
+
+    def compute(self, sums: torch.Tensor) -> dict[str, float]:
+        count, total, squares = sums.tolist()
+        return {"count": count, "id_sum": total, "id_squares": squares}
