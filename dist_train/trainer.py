@@ -21,7 +21,7 @@ from dist_train.errors import NonFiniteError
 from dist_train.evaluation import MetricSums, build_metrics
 from dist_train.loader import Batch, BatchLoader
 from dist_train.metrics import MetricsLogger, mfu, peak_flops
-from dist_train.models.protocol import logits_of, sampler
+from dist_train.models.protocol import logits_of
 from dist_train.nonfinite import (
     check_finite_before_save,
     check_logged_loss,
@@ -31,6 +31,7 @@ from dist_train.nonfinite import (
 from dist_train.optim import clip_and_measure, lr_at, set_lr
 from dist_train.parallel import grad_sync, unwrap
 from dist_train.precision import Precision
+from dist_train.sampling import sample_text
 from dist_train.selection import BEST, EARLY, build_watches, early_stop_line
 from dist_train.signals import Preempted, StopRequest
 from dist_train.watch import Progress
@@ -354,17 +355,21 @@ class Trainer:
         gc.collect()  # DDP's hooks form reference cycles; free it now, not at exit
 
     def maybe_sample(self) -> str | None:
-        """Every rank samples the same text (same seed): under FSDP2 each forward gathers
-        parameters collectively, so all ranks must take part. Only the main rank prints."""
-        spec, chars = self.data.spec, self.cfg.train.sample_chars
-        sample = sampler(unwrap(self.model))  # the model's own, a causal LM's, or none
-        if not (chars > 0 and spec.encode and spec.decode and sample is not None):
+        """`train.sample_chars` tokens of text at the end, as `dist-train sample` makes them;
+        every rank samples alike, only the main rank prints."""
+        if self.cfg.train.sample_chars <= 0:
             return None
-        prompt_ids = spec.encode(self.cfg.train.sample_prompt) or [0]
-        prompt = torch.tensor([prompt_ids], device=self.env.device)
-        g = torch.Generator(device=self.env.device).manual_seed(self.cfg.train.seed)
-        with self.precision.autocast():
-            out = sample(prompt, chars, g)
-        text = spec.decode(out[0].tolist())
-        self.logger.print(f"--- sample ({chars} characters) ---\n{text}\n---")
+        sampled = sample_text(
+            unwrap(self.model),
+            self.data.spec,
+            self.cfg.train.sample_prompt,
+            self.cfg.train.sample_chars,
+            seed=self.cfg.train.seed,
+            device=self.env.device,
+            autocast=self.precision.autocast(),
+        )
+        if sampled is None:
+            return None
+        text, tokens = sampled
+        self.logger.print(f"--- sample ({tokens} tokens) ---\n{text}\n---")
         return text
