@@ -9,9 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dist_train.config import RunConfig
 from dist_train.data import DataSpec
+from dist_train.env import DistEnv
 from dist_train.errors import ConfigError
+from dist_train.metrics import MetricsLogger
 from dist_train.models.protocol import sampler
+from dist_train.precision import Precision
 
 
 def sample_text(
@@ -39,6 +43,34 @@ def sample_text(
         out = sample(ids, new_tokens, g, temperature=temperature, top_k=top_k)
     generated = out.shape[1] - len(prompt_ids)
     return spec.decode(out[0].tolist()), generated
+
+
+def end_of_run_sample(
+    cfg: RunConfig,
+    model: nn.Module,
+    spec: DataSpec,
+    env: DistEnv,
+    precision: Precision,
+    logger: MetricsLogger,
+) -> str | None:
+    """`train.sample_chars` tokens at the end of a run; every rank samples alike (same seed),
+    the main rank prints."""
+    if cfg.train.sample_chars <= 0:
+        return None
+    sampled = sample_text(
+        model,
+        spec,
+        cfg.train.sample_prompt,
+        cfg.train.sample_chars,
+        seed=cfg.train.seed,
+        device=env.device,
+        autocast=precision.autocast(),
+    )
+    if sampled is None:
+        return None
+    text, tokens = sampled
+    logger.print(f"--- sample ({tokens} tokens) ---\n{text}\n---")
+    return text
 
 
 def pick_checkpoint(run_dir: Path, which: str) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,8 @@ from dist_train.config import RunConfig, accumulation_steps, micro_batch_size
 from dist_train.data import Data, DataSpec
 from dist_train.env import DistEnv, all_reduce_mean
 from dist_train.errors import NonFiniteError
-from dist_train.evaluation import MetricSums, build_metrics
-from dist_train.loader import Batch, BatchLoader
+from dist_train.evaluation import build_metrics, evaluate
+from dist_train.loader import BatchLoader
 from dist_train.metrics import MetricsLogger, mfu, peak_flops
 from dist_train.models.protocol import logits_of
 from dist_train.nonfinite import (
@@ -31,8 +31,8 @@ from dist_train.nonfinite import (
 from dist_train.optim import clip_and_measure, lr_at, set_lr
 from dist_train.parallel import grad_sync, unwrap
 from dist_train.precision import Precision
-from dist_train.sampling import sample_text
-from dist_train.selection import BEST, EARLY, build_watches, early_stop_line
+from dist_train.sampling import end_of_run_sample
+from dist_train.selection import Watches
 from dist_train.signals import Preempted, StopRequest
 from dist_train.watch import Progress
 
@@ -81,7 +81,7 @@ class Trainer:
         self.state, self.logger, self.stop, self.progress = state, logger, stop, progress
         self.loss_fn = build_loss(data.spec)
         self.metrics = build_metrics(cfg, data.spec)
-        self.watches = build_watches(cfg, state.watches)
+        self.watches = Watches(cfg, state.watches)
         self.accum = accumulation_steps(cfg, env.world_size)
         self.micro_batch_size = micro_batch_size(cfg, env.world_size)
         batch, seed = cfg.train.global_batch_size, cfg.train.seed
@@ -153,33 +153,14 @@ class Trainer:
             )
         return True
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
-        """Validation metrics (`val/loss`, ...; see evaluation.py) over every validation sample
-        once, or over `eval_batches` seeded global batches (`train.eval_mode`), split across
-        ranks like training batches and reduced as sums."""
-        batches = self._eval_pass()
-        if batches is None:
+        """Validation metrics (`val/loss`, ...): see evaluation.py."""
+        if self.val_batches is None:
             return None
-        model = unwrap(self.model)
-        model.eval()
         self.progress.enter("evaluation", self.state.step - 1)
-        sums = MetricSums(self.metrics)
-        for _, _, x, y, real in batches:
-            with self.precision.autocast():
-                output = model(x)
-            sums.add(output, y, real)
-        model.train()
-        return sums.reduce(self.env)
-
-    def _eval_pass(self) -> Iterator[Batch] | None:
-        t, val = self.cfg.train, self.val_batches
-        if val is None:
-            return None
-        small = len(val.dataset) <= t.eval_batches * t.global_batch_size
-        if t.eval_mode == "full" or (t.eval_mode == "auto" and small):
-            return val.every_sample_once()
-        return val.iterate(0, t.eval_batches) if t.eval_batches > 0 else None
+        return evaluate(
+            unwrap(self.model), self.val_batches, self.metrics, self.cfg, self.precision, self.env
+        )
 
     def maybe_log(
         self,
@@ -248,18 +229,6 @@ class Trainer:
             self.logger.log({"step": step, **values})
         return values
 
-    def _watch(self, values: dict[str, float]) -> bool:
-        """Best checkpoint and early stopping; True when this evaluation is a new best to keep.
-        Every rank has the same values (one all-reduce), so all decide alike."""
-        step, watches = self.state.step, self.watches
-        new_best = BEST in watches and watches[BEST].update(values, step)
-        if EARLY in watches:
-            watches[EARLY].update(values, step)
-            patience = self.cfg.train.early_stopping.patience
-            out_of_patience = watches[EARLY].state["evals_since"] >= patience
-            self.state.stopped_early = out_of_patience and step < self.cfg.train.max_steps
-        return new_best
-
     def maybe_checkpoint(self, now: bool = False) -> None:
         """Periodic saves (async if configured), `now` (a new best), and the last one (the end
         of the run or an early stop), always synchronous."""
@@ -326,13 +295,14 @@ class Trainer:
             # Evaluate before saving: the checkpoint then holds what this evaluation decided
             # (best so far, early stopping), and a resume decides as an uninterrupted run.
             values = self.maybe_evaluate(result)
-            self.maybe_checkpoint(now=values is not None and self._watch(values))
+            new_best = values is not None and self.watches.update(values, self.state)
+            self.maybe_checkpoint(now=new_best)
             if self.state.stopped_early:
-                watch = self.watches[EARLY]
-                patience = self.cfg.train.early_stopping.patience
-                self.logger.print(early_stop_line(watch, patience, self.state.step))
+                self.logger.print(self.watches.early_stop_line(self.state.step))
                 break
-        result.sample = self.maybe_sample()
+        result.sample = end_of_run_sample(
+            self.cfg, unwrap(self.model), self.data.spec, self.env, self.precision, self.logger
+        )
         last = result.losses.get(self.state.step)
         val = result.val_losses.get(self.state.step)
         self.logger.print(
@@ -353,23 +323,3 @@ class Trainer:
                 batches.close()
         self.model = unwrap(self.model)
         gc.collect()  # DDP's hooks form reference cycles; free it now, not at exit
-
-    def maybe_sample(self) -> str | None:
-        """`train.sample_chars` tokens of text at the end, as `dist-train sample` makes them;
-        every rank samples alike, only the main rank prints."""
-        if self.cfg.train.sample_chars <= 0:
-            return None
-        sampled = sample_text(
-            unwrap(self.model),
-            self.data.spec,
-            self.cfg.train.sample_prompt,
-            self.cfg.train.sample_chars,
-            seed=self.cfg.train.seed,
-            device=self.env.device,
-            autocast=self.precision.autocast(),
-        )
-        if sampled is None:
-            return None
-        text, tokens = sampled
-        self.logger.print(f"--- sample ({tokens} tokens) ---\n{text}\n---")
-        return text
