@@ -160,3 +160,13 @@ def _fmt(key: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{key} {value:.4g}" if abs(value) < 1e5 else f"{key} {value:.0f}"
     return f"{key} {value}"
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """`peak_mem_gb`: the CUDA allocator's peak since the last log step (then reset); a host
+    query of the allocator's counters, no device sync. Nothing on devices without one."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 1e9
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"peak_mem_gb": peak}

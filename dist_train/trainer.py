@@ -20,7 +20,7 @@ from dist_train.env import DistEnv, all_reduce_mean
 from dist_train.errors import NonFiniteError
 from dist_train.evaluation import build_metrics, evaluate
 from dist_train.loader import BatchLoader
-from dist_train.metrics import MetricsLogger, mfu, peak_flops
+from dist_train.metrics import MetricsLogger, mfu, peak_flops, peak_memory
 from dist_train.models.protocol import logits_of
 from dist_train.nonfinite import (
     check_finite_before_save,
@@ -97,6 +97,7 @@ class Trainer:
         self._mfu_inputs = (flops_per_token, peak) if flops_per_token and peak else None
         # Loss summed on the device between log steps: no host sync on steps that do not log.
         self._interval_loss = torch.zeros((), device=env.device)
+        self._interval_wait = 0.0  # seconds the step waited for its batches (host clock)
         # on_nonfinite=skip: updates dropped (in total, in a row, in this log interval).
         self.skip_nonfinite = cfg.train.on_nonfinite == "skip"
         self.nonfinite_skips, self._skips_in_a_row, self._interval_skips = 0, 0, 0
@@ -109,7 +110,9 @@ class Trainer:
         before = self._interval_loss.clone() if self.skip_nonfinite else None
         for i in range(self.accum):
             self.progress.enter("data", step, i)
+            waiting_since = time.perf_counter()
             x, y = self.train_batches.get(step, i)
+            self._interval_wait += time.perf_counter() - waiting_since
             self.progress.enter("forward/backward", step, i)
             with grad_sync(self.model, enabled=i == self.accum - 1):
                 with self.precision.autocast():
@@ -177,16 +180,17 @@ class Trainer:
             return False
         self.progress.enter("log", step - 1)
         applied = step - last_step - self._interval_skips  # on_nonfinite=skip drops some
-        asked = torch.full((), 1.0 if self.stop.signum else 0.0, device=self.env.device)
-        total, anyone = all_reduce_mean(
-            torch.stack([self._interval_loss, asked]), self.env
+        flags = [1.0 if self.stop.signum else 0.0, self._interval_wait]
+        side = torch.tensor(flags, device=self.env.device)
+        total, anyone, wait = all_reduce_mean(
+            torch.cat([self._interval_loss.view(1), side]), self.env
         ).tolist()
         self.stopping = anyone > 0
         loss = total / applied if applied else None  # None: every update was skipped
         self._interval_loss.zero_()
-        self._interval_skips = 0
-        now = time.perf_counter()
-        samples_per_sec = (step - last_step) * self.cfg.train.global_batch_size / (now - last_time)
+        self._interval_skips, self._interval_wait = 0, 0.0
+        now, steps = time.perf_counter(), step - last_step
+        samples_per_sec = steps * self.cfg.train.global_batch_size / (now - last_time)
         record = {
             "step": step,
             "loss": loss,
@@ -199,7 +203,10 @@ class Trainer:
                 else None
             ),
             "elapsed_sec": now - start,
+            "step_sec": (now - last_time) / steps,
+            "data_wait_sec": wait / steps,  # of step_sec, mean over ranks: loading not hidden
             **self.precision.log_fields(),
+            **peak_memory(self.env.device),
         }
         if self._mfu_inputs and record["tokens_per_sec"]:
             record["mfu"] = mfu(record["tokens_per_sec"], *self._mfu_inputs, self.env.world_size)
