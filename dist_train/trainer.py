@@ -282,7 +282,7 @@ class Trainer:
             self.state.samples_seen += self.cfg.train.global_batch_size
             if self.maybe_log(norm, interval, result, start):
                 interval = (self.state.step, time.perf_counter())
-            self.logger.bar(self.state.step, result.losses.get(max(result.losses, default=-1)))
+            self.logger.bar(self.state.step)  # the bar shows the last logged loss
             self.maybe_checkpoint()  # before evaluation: work is safe as early as possible
             if self.stopping and self.state.step < self.cfg.train.max_steps:
                 raise self._preempted()
