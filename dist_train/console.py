@@ -20,8 +20,11 @@ class Console:
         self.enabled, self.lines = enabled, lines
         tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         wanted = enabled and (progress == "always" or (progress == "auto" and tty))
-        self.tqdm: Any = None
-        self.progress_bar: Any = None  # created at the first step, so its rate counts training only
+        # Into a file (progress=always, e.g. a batch job's log) each redraw stays as a line.
+        self.redraw_s = 0.1 if tty else 1.0
+        self.tqdm: Any = None  # the tqdm class while a bar is wanted and not finished
+        # Created at the first step, so that its rate and ETA count training only.
+        self.progress_bar: Any = None
         self.postfix = ""
         if wanted:
             try:
@@ -35,10 +38,8 @@ class Console:
         loss = record.get("loss")
         if isinstance(loss, float):  # None when every update of the interval was skipped
             self.postfix = f"loss {loss:.4f}"
-            if self.progress_bar is not None:
-                self.progress_bar.set_postfix_str(
-                    self.postfix, refresh=False
-                )  # drawn at its next tick
+            if self.progress_bar is not None:  # drawn at its next redraw, not now
+                self.progress_bar.set_postfix_str(self.postfix, refresh=False)
         if self.lines:
             self.print(" ".join(_fmt(k, v) for k, v in record.items()))
 
@@ -52,8 +53,8 @@ class Console:
         self.stream.flush()
 
     def bar(self, step: int) -> None:
-        """Called every step: tqdm redraws at most ten times a second (its mininterval), so
-        a step costs an addition and a clock read."""
+        """Called every step: tqdm redraws at most every `redraw_s` seconds (its
+        mininterval), so a step costs an addition and a clock read."""
         if self.tqdm is None:
             return
         if self.progress_bar is None:
@@ -62,6 +63,7 @@ class Console:
                 initial=step - 1,
                 unit="step",
                 file=self.stream,
+                mininterval=self.redraw_s,
                 postfix=self.postfix or None,
             )
         self.progress_bar.update(step - self.progress_bar.n)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from dist_train.console import NO_TQDM, Console
 from dist_train.errors import ConfigError
 from dist_train.trackers import flat_config, scalars
 
-from conftest import TINY_GPT, cli, run_on_ranks, train_in_process
+from conftest import REPO, TINY_GPT, cli, run_on_ranks, train_in_process
 
 RUN = [
     *TINY_GPT,
@@ -242,13 +244,47 @@ def test_a_missing_library_names_its_extra(monkeypatch: pytest.MonkeyPatch, libr
         load_config(None, [f"log.backends=[jsonl,{library}]"])
     message = str(error.value)
     assert message.startswith("log.backends=['jsonl', '" + library) and "\n" not in message
-    assert message.endswith(f"{library} needs {library}: pip install 'dist-train[{library}]'")
+    assert message.endswith(
+        f"{library} needs {library}, not installed here: pip install 'dist-train[{library}]'"
+    )
     load_config(None, ["log.backends=[jsonl,console]"])  # no tracker asked for: no error
+
+
+MISSING_WANDB = """
+import sys
+sys.modules["wandb"] = None  # as if not installed
+from dist_train.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_the_cli_says_which_extra_in_one_line(tmp_path: Path) -> None:
+    run = f"train.run_dir={tmp_path}/run"
+    proc = subprocess.run(
+        [sys.executable, "-c", MISSING_WANDB, "train", "quickstart", run, "log.backends=[wandb]"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},  # the checkout under test
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "error: log.backends=['wandb']: wandb needs wandb, not installed here: "
+        "pip install 'dist-train[wandb]'"
+    ]
+    assert not (tmp_path / "run").exists()  # found before anything started
+    proc = cli("check", "quickstart", run, "log.backends=[jsonl,tensorbored]")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "unknown backend 'tensorbored'; expected any of jsonl, console, " in proc.stderr
 
 
 def test_mlflow_sqlite_store_needs_sqlalchemy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "sqlalchemy", None)
-    with pytest.raises(ConfigError, match=r"mlflow needs sqlalchemy: .*dist-train\[mlflow\]"):
+    with pytest.raises(
+        ConfigError, match=r"mlflow needs sqlalchemy, not installed here: .*dist-train\[mlflow\]"
+    ):
         load_config(None, ["log.backends=[mlflow]"])
     load_config(None, ["log.backends=[mlflow]", "log.mlflow_uri=http://127.0.0.1:5000"])
 

@@ -72,7 +72,8 @@ def validate_trackers(cfg: LogConfig) -> None:
             raise ConfigError(
                 "log.backends",
                 names,
-                f"{name} needs {', '.join(missing)}: pip install 'dist-train[{BACKENDS[name][1]}]'",
+                f"{name} needs {' and '.join(missing)}, not installed here: "
+                f"pip install 'dist-train[{BACKENDS[name][1]}]'",
             )
     if cfg.wandb_mode not in WANDB_MODES:
         raise ConfigError(
