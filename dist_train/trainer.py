@@ -296,7 +296,7 @@ class Trainer:
             self.state.samples_seen += self.cfg.train.global_batch_size
             if self.maybe_log(norm, interval, result, start):
                 interval = (self.state.step, time.perf_counter())
-            self.logger.bar(self.state.step, result.losses.get(max(result.losses, default=-1)))
+            self.logger.bar(self.state.step)  # the bar shows the last logged loss
             if self.stopping and self.state.step < self.cfg.train.max_steps:
                 raise self._preempted()
             # Evaluate before saving: the checkpoint then holds what this evaluation decided
@@ -323,7 +323,7 @@ class Trainer:
     def close(self) -> None:
         """Release the DDP wrapper before the process group goes: destroying a gloo group while
         a DDP reducer still holds it aborts the process now and then (torch 2.13)."""
-        self.logger.close()
+        self.logger.close(finished=True if self.state.stopped_early else None)
         self.checkpointer.close()
         for batches in (self.train_batches, self.val_batches):
             if batches is not None:
