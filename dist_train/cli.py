@@ -1,4 +1,4 @@
-"""The `dist-train` command: train, check, export, bench.
+"""The `dist-train` command: train, check, export, bench, sweep, report.
 
 User errors print as one line on stderr and exit with status 2, before any worker starts
 whenever they can be found in the parent. Sub-commands import what they need when they run, so
@@ -209,6 +209,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dist_train.sweep import SweepArgs, run_sweep
+
+    return run_sweep(SweepArgs(args.config, args.overrides, args.dir, args.nproc))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dist_train.report import report
+
+    report([*args.runs, *args.overrides], args.out)  # words with "=" after an option
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser, *, restarts: bool) -> None:
     p.add_argument("config", help="YAML experiment file, or a shipped config's name (quickstart)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=3e-4")
@@ -267,7 +280,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=cmd_export, overrides=[])
     add_bench_parser(sub)
+    _add_sweep_report_parsers(sub)
     return parser
+
+
+def _add_sweep_report_parsers(sub: argparse._SubParsersAction) -> None:
+    sweep = sub.add_parser(
+        "sweep", help="train a grid of overrides (key=a,b,c), one run after another; summary"
+    )
+    sweep.add_argument("config", help="YAML experiment file, or a shipped config's name")
+    sweep.add_argument(
+        "overrides", nargs="*", help="key=value for every run, key=a,b,c to sweep (the grid)"
+    )
+    sweep.add_argument("--nproc", type=int, default=None, help="workers per run (default 1)")
+    sweep.add_argument(
+        "--dir", default=None, help="sweep directory (default: the config's train.run_dir)"
+    )
+    sweep.set_defaults(func=cmd_sweep)
+    report = sub.add_parser("report", help="plot runs' metrics into one image (matplotlib)")
+    report.add_argument("runs", nargs="+", help="run directories and/or sweep directories")
+    report.add_argument("--out", default="report.png", help="image file (default report.png)")
+    report.set_defaults(func=cmd_report, overrides=[])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
