@@ -23,6 +23,7 @@ from dist_train.results import (
 from dist_train.sweep_grid import SWEEP_FILE, sweep_variants
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
@@ -57,15 +58,19 @@ def run_dirs(paths: Sequence[str], say: Callable[[str], None]) -> list[Path]:
         if not ready:
             raise DistTrainError(f"{path}: no variant of this sweep has metrics yet")
         found += ready
-    return list(dict.fromkeys(p.resolve() for p in found))
+    unique: dict[Path, Path] = {}  # a run given twice (or also through its sweep) plots once
+    for p in found:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values())
 
 
 def labels(dirs: Sequence[Path]) -> list[str]:
     """Each run's directory name; with the parent's name too where two share a name."""
-    names = [d.name for d in dirs]
+    full = [d.resolve() for d in dirs]
+    names = [d.name for d in full]
     return [
         n if names.count(n) == 1 else f"{d.parent.name}/{n}"
-        for n, d in zip(names, dirs, strict=True)
+        for n, d in zip(names, full, strict=True)
     ]
 
 
@@ -89,17 +94,11 @@ def panels_for(runs: Sequence[Run]) -> list[Panel]:
     return [p for p in fixed + evals if any(series(r, p.key)[0] for r in records)]
 
 
-def _log_scale(panel: Panel, runs: Sequence[Run]) -> bool:
-    values = [v for _, r in runs for v in series(r, panel.key)[1]]
-    return panel.may_log and min(values) > 0 and max(values) / min(values) >= 10
-
-
 def draw(runs: Sequence[Run], panels: Sequence[Panel]) -> Figure:
     try:
         from matplotlib import colormaps
         from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI
         from matplotlib.lines import Line2D
-        from matplotlib.ticker import MaxNLocator
     except ImportError as e:
         raise DistTrainError(f"dist-train report needs matplotlib ({e}){install_hint(e)}") from None
     ncols = 1 if len(panels) == 1 else 2 if len(panels) <= 4 else 3
@@ -108,29 +107,45 @@ def draw(runs: Sequence[Run], panels: Sequence[Panel]) -> Figure:
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     palette = colormaps["tab10" if len(runs) <= 10 else "tab20"]
     colors = [palette(i % palette.N) for i in range(len(runs))]  # one color per run everywhere
+    # One step range for every panel: a metric evaluated once sits where it belongs in the run.
+    last = max(step for _, records in runs for step in series(records, "step")[1])
     for ax, panel in zip(axes, panels, strict=False):
-        for color, (label, records) in zip(colors, runs, strict=True):
-            steps, values = series(records, panel.key)
-            marker = "o" if panel.markers else None
-            ax.plot(steps, values, color=color, label=label, marker=marker, markersize=3.5, lw=1.4)
-        ax.set_title(panel.title)
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-        ax.set_ylabel(panel.ylabel)
-        ax.grid(alpha=0.3)
-        if _log_scale(panel, runs):
-            ax.set_yscale("log")
+        draw_panel(ax, panel, runs, colors, last)
     for ax in axes[len(panels) :]:
         fig.delaxes(ax)
-    handles = [Line2D([], [], color=c, lw=2) for c in colors]
     fig.legend(
-        handles,
+        [Line2D([], [], color=c, lw=2) for c in colors],
         [label for label, _ in runs],
         loc="outside upper center",
-        ncols=min(len(runs), 4),
+        ncols=legend_columns([label for label, _ in runs], fig.get_figwidth()),
         frameon=False,
     )
     return fig
+
+
+def legend_columns(labels: Sequence[str], width_in: float) -> int:
+    """As many entries per legend row as fit across the figure (about 0.075 inch a character
+    at the default font size, plus the line sample), so that short labels take one row."""
+    entry_in = 0.075 * max(map(len, labels)) + 0.7
+    return max(1, min(len(labels), int(width_in // entry_in)))
+
+
+def draw_panel(ax: Axes, panel: Panel, runs: Sequence[Run], colors: list, last: int) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for color, (label, records) in zip(colors, runs, strict=True):
+        steps, values = series(records, panel.key)
+        marker = "o" if panel.markers else None
+        ax.plot(steps, values, color=color, label=label, marker=marker, markersize=3.5, lw=1.4)
+    ax.set_title(panel.title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(panel.ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.set_xlim(0, last * 1.03 or 1)
+    ax.grid(alpha=0.3)
+    values = [v for _, r in runs for v in series(r, panel.key)[1]]
+    if panel.may_log and min(values) > 0 and max(values) / min(values) >= 10:
+        ax.set_yscale("log")  # a loss that falls by 10x and more reads better on a log scale
 
 
 def report(paths: Sequence[str], out: str, say: Callable[[str], None] = print) -> list[str]:

@@ -85,7 +85,9 @@ def sweep_dir(args: SweepArgs, grid: Grid) -> tuple[Path, str]:
     found = holds_a_run(Path(root))
     if found:
         raise ConfigError(
-            key, root, f"holds a training run ({', '.join(found)}); a sweep needs its own directory"
+            key,
+            root,
+            f"holds a training run ({', '.join(found)}); a sweep needs a directory of its own: --dir",
         )
     return Path(root), key
 
@@ -191,11 +193,11 @@ class Sweep:
                     "message": recorded.get("message", ""),
                 }
             )
+        axes = [key for key, _ in self.grid.axes]
         values = [m for metric in metrics for m in (metric, f"best {metric}")]
-        axes = [k for k, _ in self.grid.axes] or ["name"]
-        columns = [*axes, "status", "steps", "loss", *values, "wall_sec"]
-        write_csv(self.root / SUMMARY_FILE, ["name", *columns, "exit_code", "message"], rows)
-        return columns, rows
+        results = ["status", "steps", "loss", *values, "wall_sec"]
+        write_csv(self.root / SUMMARY_FILE, ["name", *axes, *results, "exit_code", "message"], rows)
+        return [*(axes or ["name"]), *results], rows
 
     def finish(self) -> int:
         """Print the table and the line that says how the sweep ended; return its exit status:
@@ -215,9 +217,8 @@ class Sweep:
         if self.fwd.signum:
             code = 130 if self.fwd.signum == signal.SIGINT else EXIT_PREEMPTED
             name = signal.Signals(self.fwd.signum).name
-            self.say(
-                f"sweep: stopped by {name}: {tally}; run the same command to resume ({where}; exit status {code})"
-            )
+            resume = f"run the same command to resume ({where}; exit status {code})"
+            self.say(f"sweep: stopped by {name}: {tally}; {resume}")
             return code
         code = 1 if counts[FAILED] else 0
         self.say(f"sweep: {tally} (of {len(rows)} variants); {where} (exit status {code})")

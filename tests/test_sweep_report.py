@@ -110,6 +110,41 @@ def test_a_sweep_dir_keeps_its_grid(tmp_path: Path) -> None:
         pin_grid(tmp_path, sweep_record(config, parse_grid(["optim.lr=0.1,0.3"])))
 
 
+def test_each_variant_is_this_checkouts_train_with_its_own_run_dir() -> None:
+    from dist_train.sweep import SweepArgs, train_command
+
+    grid = parse_grid(["optim.lr=0.1,0.2", "train.max_steps=5"])
+    args = SweepArgs("cfg.yaml", [], None, nproc=2)
+    cmd = train_command(args, grid, grid.variants()[1], Path("sw/lr=0.2"))
+    assert cmd == [
+        sys.executable,
+        "-m",
+        "dist_train",
+        "train",
+        "cfg.yaml",
+        "train.max_steps=5",
+        "optim.lr=0.2",
+        "train.run_dir=sw/lr=0.2",
+        "--nproc",
+        "2",
+    ]
+    assert "--nproc" not in train_command(
+        SweepArgs("cfg.yaml", []), grid, grid.variants()[0], Path("x")
+    )
+
+
+def test_a_run_directory_is_no_sweep_directory(tmp_path: Path) -> None:
+    from dist_train.sweep import SweepArgs, run_sweep
+
+    (tmp_path / "config.yaml").write_text("{}\n")  # an earlier run's
+    with pytest.raises(ConfigError, match=r"holds a training run .*--dir") as e:
+        run_sweep(SweepArgs("configs/mlp_synthetic.yaml", ["optim.lr=0.1,0.2"], str(tmp_path)))
+    assert e.value.key == "--dir"
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        run_sweep(SweepArgs("configs/mlp_synthetic.yaml", ["optim.lr=0.1,0.2"], None, nproc=0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
 # --- results ----------------------------------------------------------------------------------
 
 
