@@ -100,7 +100,7 @@ def run_sweep(args: SweepArgs, say: Say = print) -> int:
     root, key = sweep_dir(args, grid)
     invalid = invalid_variants(args, grid, root)
     with owned_run_dir(root, say, key), Forwarder().installed() as fwd:
-        pin_grid(root, sweep_record(resolve_config_path(args.config), grid))
+        pin_grid(root, sweep_record(resolve_config_path(args.config), grid), key, say)
         return Sweep(args, grid, root, invalid, fwd, say).run()
 
 

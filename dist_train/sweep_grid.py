@@ -8,7 +8,7 @@ import hashlib
 import itertools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,14 +115,16 @@ def unique_names(names: Sequence[str]) -> list[str]:
 def sweep_record(config: Path, grid: Grid) -> dict[str, Any]:
     return {
         "config": str(config.resolve()),
+        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
         "fixed": list(grid.fixed),
         "axes": {key: list(values) for key, values in grid.axes},
         "variants": [{"name": v.name, "overrides": list(v.overrides)} for v in grid.variants()],
     }
 
 
-def pin_grid(sweep_dir: Path, record: dict[str, Any]) -> None:
-    """Write sweep.json, or check that the one there describes this same sweep."""
+def pin_grid(sweep_dir: Path, record: dict[str, Any], key: str, say: Callable[[str], None]) -> None:
+    """Write sweep.json, or check that the one there describes this same sweep (`key`: the
+    setting that named the directory, for the error)."""
     path = sweep_dir / SWEEP_FILE
     if not path.is_file():
         write_atomic(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
@@ -130,14 +132,19 @@ def pin_grid(sweep_dir: Path, record: dict[str, Any]) -> None:
     try:
         before = json.loads(path.read_text())
     except ValueError:
-        raise ConfigError("--dir", str(sweep_dir), f"{path} is not valid JSON") from None
+        raise ConfigError(key, str(sweep_dir), f"{path} is not valid JSON") from None
     differ = [k for k in ("config", "fixed", "axes") if before.get(k) != record[k]]
     if differ:
         was = "; ".join(f"{k} {before.get(k)} (now {record[k]})" for k in differ)
         raise ConfigError(
-            "--dir",
+            key,
             str(sweep_dir),
-            f"holds another sweep: {was}; rerun it with its own arguments, or use another --dir",
+            f"holds another sweep: {was}; rerun it with its own arguments, or use another {key}",
+        )
+    if before.get("config_sha256") != record["config_sha256"]:
+        say(
+            f"note: {record['config']} has changed since this sweep started; the variants done "
+            "already are not trained again"
         )
 
 

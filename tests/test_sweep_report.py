@@ -104,10 +104,23 @@ def test_grid_errors_name_the_key(words: list[str], message: str) -> None:
 def test_a_sweep_dir_keeps_its_grid(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("{}\n")
-    pin_grid(tmp_path, sweep_record(config, parse_grid(["optim.lr=0.1,0.2"])))
-    pin_grid(tmp_path, sweep_record(config, parse_grid(["optim.lr=0.1,0.2"])))  # same: fine
-    with pytest.raises(ConfigError, match="holds another sweep: axes"):
-        pin_grid(tmp_path, sweep_record(config, parse_grid(["optim.lr=0.1,0.3"])))
+    said: list[str] = []
+
+    def pin(words: list[str]) -> None:
+        pin_grid(tmp_path, sweep_record(config, parse_grid(words)), "--dir", said.append)
+
+    pin(["optim.lr=0.1,0.2"])
+    pin(["optim.lr=0.1,0.2"])  # the same sweep: continues
+    assert said == []
+    with pytest.raises(ConfigError, match="holds another sweep: axes") as e:
+        pin(["optim.lr=0.1,0.3"])
+    assert e.value.key == "--dir"
+    config.write_text("train: {max_steps: 5}\n")  # edited since: said, not refused
+    pin(["optim.lr=0.1,0.2"])
+    assert said == [
+        f"note: {config} has changed since this sweep started; the variants done already are "
+        "not trained again"
+    ]
 
 
 def test_each_variant_is_this_checkouts_train_with_its_own_run_dir() -> None:
@@ -255,6 +268,7 @@ def test_report_without_matplotlib_names_the_extra(
     assert not (tmp_path / "r.png").exists()
 
 
+@pytest.mark.slow
 def test_report_cli_is_one_line_and_loads_no_torch(tmp_path: Path) -> None:
     run = fake_run(tmp_path / "run", 1.0)
     code = (
