@@ -1,6 +1,6 @@
 """`dist-train report`: one image of runs' curves from their metrics.jsonl, one panel per
-quantity (train loss, val/loss, learning rate, throughput, gradient norm, every other eval
-metric), the runs overlaid. matplotlib is an optional extra (`dist-train[report]`)."""
+quantity (train loss, val/loss, learning rate, throughput, MFU, gradient norm, every other
+eval metric), the runs overlaid. matplotlib is an optional extra (`dist-train[report]`)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ def panels_for(runs: Sequence[Run]) -> list[Panel]:
         Panel("val/loss", "val/loss", "loss", markers=True),
         Panel("learning rate", "lr", "lr", may_log=False),
         Panel(f"throughput ({rate[1]})", rate[0], rate[1], may_log=False),
+        Panel("MFU", "mfu", "fraction of peak FLOPs", may_log=False),
         Panel("gradient norm", "grad_norm", "global norm"),
     ]
     evals = [

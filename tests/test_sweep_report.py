@@ -199,6 +199,7 @@ def fake_run(run_dir: Path, scale: float, tokens: bool = True) -> Path:
     for step in range(10, 201, 10):
         loss = 5.0 * scale / step**0.5
         rate = {"samples_per_sec": 100.0, "tokens_per_sec": 6400.0 if tokens else None}
+        rate |= {"mfu": 0.3} if tokens else {}
         records.append({"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0, **rate})
         if step % 50 == 0:
             records.append(
@@ -228,6 +229,7 @@ def test_report_has_a_panel_per_quantity_and_overlays_a_sweeps_runs(tmp_path: Pa
         "val/loss",
         "learning rate",
         "throughput (tokens/s)",
+        "MFU",
         "gradient norm",
         "val/perplexity",
         "val/accuracy",
