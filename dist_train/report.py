@@ -136,7 +136,7 @@ def draw_panel(ax: Axes, panel: Panel, runs: Sequence[Run], colors: list, last: 
 
     for color, (label, records) in zip(colors, runs, strict=True):
         steps, values = series(records, panel.key)
-        marker = "o" if panel.markers else None
+        marker = "o" if panel.markers or len(steps) < 3 else None  # a lone point shows too
         ax.plot(steps, values, color=color, label=label, marker=marker, markersize=3.5, lw=1.4)
     ax.set_title(panel.title)
     ax.set_xlabel("step")
