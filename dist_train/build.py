@@ -8,15 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from dist_train.checkpoint.checkpointer import Checkpointer, TrainState
 from dist_train.checkpoint.export import init_model
 from dist_train.checkpoint.files import read_manifest, resolve_resume
 from dist_train.config import RunConfig, accumulation_steps, save_config
-from dist_train.data import build_data
+from dist_train.data import Data, build_data
 from dist_train.env import DistEnv
-from dist_train.metrics import MetricsLogger, trim_metrics
+from dist_train.metrics import MetricsLogger, peak_flops, trim_metrics
 from dist_train.models import build_model
+from dist_train.models.protocol import flops_per_token, fsdp_units
 from dist_train.optim import build_optimizer, decay_horizon
 from dist_train.parallel import wrap_model
 from dist_train.precision import Precision
@@ -62,6 +64,18 @@ def resume_notes(cfg: RunConfig, saved: dict[str, Any]) -> list[str]:
     return notes
 
 
+def flops_for_mfu(cfg: RunConfig, env: DistEnv, data: Data, model: nn.Module) -> float | None:
+    """Training FLOPs per token for the `mfu` metric (the model's own figure, else counted on
+    two training samples), or None without counting where no mfu is reported: data without
+    tokens, or a device without a known peak. Moves the model to the run's device."""
+    tokens = data.spec.tokens_per_sample
+    if not tokens or peak_flops(cfg.log, env.device, cfg.precision.dtype) is None:
+        return None
+    inputs, _ = data.train.get_batch(torch.arange(min(2, len(data.train))))
+    inputs = inputs.to(env.device)
+    return flops_per_token(model.to(env.device), inputs, len(inputs) * tokens)
+
+
 def build_trainer(
     cfg: RunConfig,
     env: DistEnv,
@@ -79,10 +93,11 @@ def build_trainer(
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data.spec)
     init_model(model, None if resume_from else cfg.model.init_from, list(cfg.model.freeze))
+    flops = flops_for_mfu(cfg, env, data, model)  # before compile and wrapping: one plain pass
     if cfg.train.compile:
         # In place (module.compile), so parameter names and checkpoints stay the same; per
         # block where the model has blocks, which is also what FSDP2 shards.
-        for unit in getattr(model, "fsdp_units", lambda: [model])():
+        for unit in fsdp_units(model) or [model]:
             unit.compile()
     model = wrap_model(model, cfg.parallel, cfg.precision, env)
     # Different dropout masks per rank, reproducible per rank.
@@ -121,4 +136,5 @@ def build_trainer(
         logger,
         stop or StopRequest(),
         progress or Progress(),
+        flops_per_token=flops,
     )

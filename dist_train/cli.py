@@ -1,4 +1,4 @@
-"""The `dist-train` command: train, check, export, bench.
+"""The `dist-train` command: train, check, export, prepare, bench.
 
 User errors print as one line on stderr and exit with status 2, before any worker starts
 whenever they can be found in the parent. Sub-commands import what they need when they run, so
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import dist_train
 from dist_train.bench import add_bench_parser
 from dist_train.errors import DistTrainError, PeerError
+from dist_train.prepare_cli import add_prepare_parser
 from dist_train.rundir import OWNER_ENV, RunLock, owned_run_dir, prepare
 from dist_train.signals import (
     EXIT_PREEMPTED,
@@ -204,8 +205,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from dist_train.checkpoint.export import export
 
-    path = export(args.source, args.out)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    path = export(args.source, args.out, args.dtype, print)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {args.dtype})")
     return 0
 
 
@@ -260,7 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="consolidate a sharded checkpoint into .safetensors")
     export.add_argument("source", help="a run directory or one checkpoints/step_N folder")
     export.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    export.add_argument(
+        "--dtype",
+        default="fp32",
+        help="floating tensors as fp32 (default, as trained), bf16 or fp16",
+    )
     export.set_defaults(func=cmd_export, overrides=[])
+    add_prepare_parser(sub)
     add_bench_parser(sub)
     return parser
 

@@ -69,7 +69,14 @@ class TrainConfig:
     seed: int = field(default=1337, metadata=INVARIANT)
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = 0  # steps between evaluations (0: only at the end)
-    eval_batches: int = 4  # global batches of validation data per evaluation
+    eval_batches: int = 4  # sampled evaluation: seeded global batches of validation data
+    # full: every validation sample exactly once (the last batch partial, at any world size) |
+    # sampled: eval_batches global batches drawn like training batches | auto: full when the
+    # validation set is no larger than eval_batches x global_batch_size, else sampled.
+    eval_mode: str = "auto"
+    # Your own evaluation metrics by import path (see dist_train/evaluation.py), besides the
+    # task's: loss (+ perplexity for lm; + accuracy, precision, recall, f1 for classification).
+    metrics: list[str] = field(default_factory=list)
     sample_chars: int = 0  # text: characters to generate at the end (0: none)
     sample_prompt: str = "\n"
     compile: bool = (
@@ -153,6 +160,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision.dtype": ("fp32", "bf16", "fp16"),
     "log.progress": ("auto", "always", "never"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.eval_mode": ("auto", "full", "sampled"),
 }
 POSITIVE = (
     "train.max_steps",
@@ -222,6 +230,8 @@ def validate(cfg: RunConfig) -> None:
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas", cfg.optim.betas, "expected two numbers")
+    for metric in cfg.train.metrics:
+        resolve_target(metric, "train.metrics")
 
 
 def micro_batch_size(cfg: RunConfig, world_size: int) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import os
-import pickle
 import random
 import sysconfig
 from collections.abc import Callable
@@ -169,7 +168,7 @@ def default_corpus(max_chars: int) -> str:
 
 def block_size(cfg: RunConfig) -> int:
     """Text and token data are cut into windows of the model's context length: the model
-    section's `block_size` (gpt's; any model section that has one)."""
+    section's `block_size` (gpt's and a `_target_` model's; mlp and cnn have none)."""
     block = getattr(cfg.model, "block_size", None)
     if block is None:
         model = (
@@ -181,7 +180,7 @@ def block_size(cfg: RunConfig) -> int:
             "data.name",
             cfg.data.name,
             f"is cut into windows of model.block_size tokens, and {model} has no block_size "
-            "(token data trains model.name=gpt)",
+            "(token data trains model.name=gpt or a model._target_)",
         )
     return int(block)
 
@@ -221,68 +220,11 @@ def _char_data(cfg: RunConfig) -> Data:
 
 
 def _token_data(cfg: RunConfig) -> Data:
-    """nanoGPT's prepared format: train.bin / val.bin of uint16 ids, optional meta.pkl."""
-    root = Path(cfg.data.path or "")
-    if not cfg.data.path or not (root / "train.bin").is_file():
-        raise ConfigError(
-            "data.path",
-            cfg.data.path,
-            "expected a directory holding train.bin (and val.bin, "
-            "meta.pkl), as nanoGPT's prepare.py writes them",
-        )
-    train = _token_file(root / "train.bin")
-    val = _token_file(root / "val.bin") if (root / "val.bin").is_file() else None
-    meta: dict[str, Any] = {}
-    if (root / "meta.pkl").is_file():
-        try:
-            with open(root / "meta.pkl", "rb") as f:
-                meta = pickle.load(f)  # the user's own prepared file, as nanoGPT writes it
-        except Exception as e:
-            raise ConfigError(
-                "data.path",
-                str(root / "meta.pkl"),
-                f"not a readable pickle ({type(e).__name__}: {e})",
-            ) from None
-    # The largest id decides the embedding a model needs: checked here, not at the first
-    # forward pass inside the workers (one pass over the memory-mapped tokens).
-    top = max(int(t.max()) for t in (train, val) if t is not None and len(t))
-    vocab_size = cfg.data.vocab_size or int(meta.get("vocab_size", 0)) or top + 1
-    if top >= vocab_size:
-        key = "data.vocab_size" if cfg.data.vocab_size else "data.path"
-        raise ConfigError(
-            key,
-            cfg.data.vocab_size or cfg.data.path,
-            f"the tokens hold id {top}, "
-            f"so the vocabulary needs at least {top + 1} entries, not {vocab_size}",
-        )
-    decode = None
-    if "itos" in meta:
-        itos = meta["itos"]
-        decode = lambda ids: "".join(itos[i] for i in ids)  # noqa: E731
-    encode = None
-    if "stoi" in meta:
-        stoi = meta["stoi"]
-        encode = lambda s: [stoi[c] for c in s if c in stoi]  # noqa: E731
-    spec = DataSpec(
-        "lm",
-        vocab_size=vocab_size,
-        tokens_per_sample=block_size(cfg),
-        encode=encode,
-        decode=decode,
-    )
-    return _split_windows(cfg, train, val, spec, "data.path")
+    """train.bin/val.bin of `dist-train prepare` or nanoGPT: dist_train/tokens.py (imported
+    here, as it builds on this module's Data and windows)."""
+    from dist_train.tokens import token_data
 
-
-def _token_file(path: Path) -> np.ndarray:
-    size = path.stat().st_size
-    if size == 0 or size % 2:
-        raise ConfigError(
-            "data.path",
-            str(path),
-            f"{size} bytes: expected a non-empty file of "
-            "uint16 token ids (an even number of bytes)",
-        )
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    return token_data(cfg)
 
 
 def _split_windows(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Any
 
 
@@ -36,3 +38,23 @@ def first_line(error: BaseException) -> str:
     the reason last, after the C++ location)."""
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(error).__name__
+
+
+# Optional packages a `_target_` may name, and the extra of ours that installs them.
+EXTRAS = {"transformers": "hf"}
+
+
+def install_hint(error: ImportError) -> str:
+    """'; pip install ...' when the missing module is an optional dependency of ours."""
+    extra = EXTRAS.get((error.name or "").partition(".")[0])
+    return f"; pip install 'dist-train[{extra}]'" if extra else ""
+
+
+def import_extra(module: str, extra: str, key: str, value: Any, purpose: str) -> ModuleType:
+    """Import an optional dependency, or a ConfigError naming the `pip install` that brings it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            key, value, f"{purpose} needs {module.split('.')[0]}: pip install 'dist-train[{extra}]'"
+        ) from None

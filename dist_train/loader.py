@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
+from itertools import count
 from typing import Any
 
 import torch
@@ -21,31 +22,52 @@ from dist_train.data import BatchDataset, GlobalBatchSampler, MapDatasetAdapter
 from dist_train.env import DistEnv
 from dist_train.signals import PREEMPT_SIGNALS
 
-Key = tuple[int, int, torch.Tensor, int]  # (step, micro-batch, indices, stream position)
-Batch = tuple[int, int, torch.Tensor, torch.Tensor]  # (step, micro-batch, inputs, targets)
+# (step, micro-batch, indices, stream position of the first, how many are real: the rest pad)
+Key = tuple[int, int, torch.Tensor, int, int]
+Batch = tuple[int, int, torch.Tensor, torch.Tensor, int]  # (step, micro, inputs, targets, real)
 
 
 class StepSchedule(Sampler[Key]):
-    """Steps [start, stop): this rank's slice of each global batch, in micro-batches."""
+    """Steps [start, stop) (stop None: endless): this rank's slice of each global batch, in
+    micro-batches."""
 
     def __init__(
-        self, sampler: GlobalBatchSampler, env: DistEnv, micro: int, start: int, stop: int
+        self, sampler: GlobalBatchSampler, env: DistEnv, micro: int, start: int, stop: int | None
     ) -> None:
         self.sampler, self.env, self.micro = sampler, env, micro
         self.start, self.stop = start, stop
 
     def __iter__(self) -> Iterator[Key]:
         batch, world, rank = self.sampler.global_batch_size, self.env.world_size, self.env.rank
-        for step in range(self.start, self.stop):
+        for step in range(self.start, self.stop) if self.stop is not None else count(self.start):
             indices = self.sampler.rank_indices(step, rank, world)
             for i, chunk in enumerate(indices.split(self.micro)):
                 # Where the micro-batch's first sample sits in the run's stream of samples:
                 # the same at any world size and for any resume point.
-                yield step, i, chunk, step * batch + rank * (batch // world) + i * self.micro
+                first = step * batch + rank * (batch // world) + i * self.micro
+                yield step, i, chunk, first, len(chunk)
 
-    def __len__(self) -> int:
-        per_step = -(-self.sampler.global_batch_size // self.env.world_size // self.micro)
-        return max(0, self.stop - self.start) * per_step
+
+class EverySampleOnce(Sampler[Key]):
+    """Samples 0..n-1 in order, each exactly once, in global batches split across ranks. The
+    last, partial batch gives every rank the same number of samples (so that every rank runs
+    the same forward passes: FSDP gathers parameters in each), padded with repeats of the
+    batch's first sample that `real` tells the metrics to leave out."""
+
+    def __init__(self, num_samples: int, global_batch: int, env: DistEnv, micro: int) -> None:
+        self.n, self.batch, self.env, self.micro = num_samples, global_batch, env, micro
+
+    def __iter__(self) -> Iterator[Key]:
+        world, rank = self.env.world_size, self.env.rank
+        for step, start in enumerate(range(0, self.n, self.batch)):
+            size = min(self.batch, self.n - start)
+            share = -(-size // world)  # per rank, rounded up
+            lo, hi = start + min(rank * share, size), start + min((rank + 1) * share, size)
+            indices = torch.arange(lo, hi)
+            padded = torch.cat([indices, torch.full((share - len(indices),), start)])
+            for i, chunk in enumerate(padded.split(self.micro)):
+                real = min(max(hi - lo - i * self.micro, 0), len(chunk))
+                yield step, i, chunk, lo + i * self.micro, real
 
 
 class _Fetch(Dataset[Batch]):
@@ -60,13 +82,13 @@ class _Fetch(Dataset[Batch]):
         self.dataset, self.seed = dataset, seed
 
     def __getitem__(self, key: Key) -> Batch:  # type: ignore[override]
-        step, i, indices, first = key
+        step, i, indices, first, real = key
         if isinstance(self.dataset, MapDatasetAdapter):
             seeds = [self.seed + p * 0x9E3779B1 for p in range(first, first + len(indices))]
             x, y = self.dataset.get_batch(indices, [s % 2**63 for s in seeds])
         else:
             x, y = self.dataset.get_batch(indices)
-        return step, i, x, y
+        return step, i, x, y, real
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -102,18 +124,18 @@ class BatchLoader:
         self.sampler = GlobalBatchSampler(len(dataset), global_batch_size, seed)
         self.seed = seed * 1_000_003 + (split != "train")  # per-sample seeds differ by split
         self.pin = pin_memory(cfg, env.device)
-        self._loaders: dict[tuple[int, int], DataLoader[Batch]] = {}
+        self._loaders: dict[tuple[Any, ...], DataLoader[Batch]] = {}
         self._stream: Iterator[Batch] | None = None
-        self._stream_range = (-1, -1)
+        self._stream_key: tuple[Any, ...] = ()
         self._next = (-1, -1)  # the (step, micro-batch) the stream yields next
 
-    def _loader(self, start: int, stop: int) -> DataLoader[Batch]:
-        """One DataLoader per range, kept: persistent workers then serve every pass over a fixed
-        range (evaluation) without being forked again."""
-        if (start, stop) not in self._loaders:
-            self._loaders[(start, stop)] = DataLoader(
+    def _loader(self, key: tuple[Any, ...], schedule: Sampler[Key]) -> DataLoader[Batch]:
+        """One DataLoader per schedule, kept: persistent workers then serve every pass over a
+        fixed schedule (evaluation) without being forked again."""
+        if key not in self._loaders:
+            self._loaders[key] = DataLoader(
                 _Fetch(self.dataset, self.seed),
-                sampler=StepSchedule(self.sampler, self.env, self.micro, start, stop),
+                sampler=schedule,
                 batch_size=None,  # the keys are whole micro-batches already
                 num_workers=self.cfg.num_workers,
                 pin_memory=self.pin,
@@ -124,17 +146,26 @@ class BatchLoader:
                 generator=torch.Generator().manual_seed(0),
                 worker_init_fn=_ignore_stop_signals,
             )
-        return self._loaders[(start, stop)]
+        return self._loaders[key]
 
-    def iterate(self, start: int, stop: int) -> Iterator[Batch]:
-        """Every micro-batch of steps [start, stop), in order, on the device."""
+    def _run(self, key: tuple[Any, ...], schedule: Sampler[Key]) -> Iterator[Batch]:
         if self.cfg.num_workers == 0:
-            for step, i, chunk, _ in StepSchedule(self.sampler, self.env, self.micro, start, stop):
+            for step, i, chunk, _, real in schedule:
                 x, y = self.dataset.get_batch(chunk)
-                yield step, i, *self._to_device(x, y, pin=self.pin)
+                yield step, i, *self._to_device(x, y, pin=self.pin), real
         else:
-            for step, i, x, y in self._loader(start, stop):
-                yield step, i, *self._to_device(x, y, pin=False)  # pinned by the loader
+            for step, i, x, y, real in self._loader(key, schedule):
+                yield step, i, *self._to_device(x, y, pin=False), real  # pinned by the loader
+
+    def iterate(self, start: int, stop: int | None) -> Iterator[Batch]:
+        """Every micro-batch of steps [start, stop) (None: endless), in order, on the device."""
+        schedule = StepSchedule(self.sampler, self.env, self.micro, start, stop)
+        return self._run(("steps", start, stop), schedule)
+
+    def every_sample_once(self) -> Iterator[Batch]:
+        """The whole split in order, each sample once (see `EverySampleOnce`)."""
+        n, batch = len(self.dataset), self.sampler.global_batch_size
+        return self._run(("once",), EverySampleOnce(n, batch, self.env, self.micro))
 
     def _to_device(
         self, x: torch.Tensor, y: torch.Tensor, pin: bool
@@ -148,23 +179,24 @@ class BatchLoader:
             y.to(self.env.device, non_blocking=True),
         )
 
-    def get(self, step: int, i: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Micro-batch i of `step`. Training asks in order, so this reads one stream running up
-        to `stop`; anything else (the first call, a resume) starts a new stream at `step`."""
+    def get(self, step: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch i of `step`. Training asks in order, so this reads one endless stream
+        (loading workers run ahead of it); anything else (the first call, a resume) starts a new
+        stream at `step`."""
         if self._stream is None or self._next != (step, i):
             self._end_stream()
-            self._stream, self._stream_range = self.iterate(step, stop), (step, stop)
+            self._stream, self._stream_key = self.iterate(step, None), ("steps", step, None)
             for _ in range(i):  # a start inside a step (the trainer never asks for one)
                 next(self._stream)
-        got_step, got_i, x, y = next(self._stream)
+        got_step, got_i, x, y, _ = next(self._stream)
         per_step = self.sampler.global_batch_size // self.env.world_size // self.micro
         self._next = (got_step, got_i + 1) if got_i + 1 < per_step else (got_step + 1, 0)
         return x, y
 
     def _end_stream(self) -> None:
         self._stream = None
-        if self._stream_range in self._loaders:
-            self._shut(self._loaders.pop(self._stream_range))
+        if self._stream_key in self._loaders:
+            self._shut(self._loaders.pop(self._stream_key))
 
     def close(self) -> None:
         """Stop every worker process now, not at interpreter exit."""

@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dist_train.config import ParallelConfig, PrecisionConfig
 from dist_train.env import DistEnv
 from dist_train.errors import ConfigError
+from dist_train.models.protocol import fsdp_units
 from dist_train.precision import DTYPES
 
 
@@ -82,14 +83,13 @@ def _bf16_hook(state, bucket):  # type: ignore[no-untyped-def]
 def _shard(
     model: nn.Module, cfg: ParallelConfig, precision: PrecisionConfig, env: DistEnv
 ) -> nn.Module:
-    """FSDP2 per block (a model's `fsdp_units()`, e.g. GPT's transformer blocks), then the root.
-    The mesh is built for the run's own device: a CPU/gloo run stays on CPU even on a GPU box."""
+    """FSDP2 per block (`protocol.fsdp_units`: GPT's transformer blocks, a transformers model's
+    `_no_split_modules`; none: the root only), then the root. The mesh is built for the run's own device: a CPU/gloo run stays on CPU even on a GPU box."""
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     policy = MixedPrecisionPolicy(
         param_dtype=DTYPES[precision.dtype], reduce_dtype=DTYPES[precision.reduce_dtype]
     )
-    units = model.fsdp_units() if hasattr(model, "fsdp_units") else []
-    for unit in units:
+    for unit in fsdp_units(model):
         fully_shard(
             unit, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward
         )

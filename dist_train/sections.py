@@ -85,7 +85,7 @@ class Section:
 
 @dataclass
 class ModelConfig(Section):
-    """Keys every model has; as it is, the section of a `_target_` model."""
+    """Keys every model has."""
 
     prefix = "model."
     name: str = field(default="gpt", metadata=INVARIANT)  # in MODELS
@@ -94,6 +94,16 @@ class ModelConfig(Section):
     freeze: list[str] = field(default_factory=list)  # parameter-name patterns (fnmatch) to freeze
 
     fractions = ("dropout",)
+
+
+@dataclass
+class TargetModelConfig(ModelConfig):
+    """The section of a `_target_` model (your own, or a transformers class): its arguments go
+    in `kwargs`; `block_size` is the length of the windows text/tokens data is cut into."""
+
+    block_size: int = field(default=64, metadata=INVARIANT)
+
+    positive = ("block_size",)
 
 
 @dataclass
@@ -206,7 +216,8 @@ class TokensDataConfig(DataConfig):
     name: str = field(default="tokens", metadata=INVARIANT)
     path: Optional[str] = field(default=None, metadata=INVARIANT)  # dir holding train.bin
     val_fraction: float = field(default=0.1, metadata=INVARIANT)  # without val.bin: its tail
-    vocab_size: int = field(default=0, metadata=INVARIANT)  # 0: meta.pkl's, else max id + 1
+    # 0: meta.json's (or meta.pkl's) vocab_size, else the largest id + 1
+    vocab_size: int = field(default=0, metadata=INVARIANT)
 
     non_negative = ("vocab_size",)
     fractions = ("val_fraction",)
@@ -243,7 +254,7 @@ DATA: dict[str, type[DataConfig]] = {
 }
 # Per section: the class of a `_target_` (the common keys) and the built-in ones by name.
 SECTIONS: dict[str, tuple[type[Section], Mapping[str, type[Section]]]] = {
-    "model": (ModelConfig, MODELS),
+    "model": (TargetModelConfig, MODELS),
     "data": (DataConfig, DATA),
 }
 

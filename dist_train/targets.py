@@ -7,7 +7,7 @@ import importlib
 import inspect
 from typing import Any
 
-from dist_train.errors import ConfigError
+from dist_train.errors import ConfigError, install_hint
 
 
 def resolve_target(target: str, key: str) -> Any:
@@ -18,7 +18,8 @@ def resolve_target(target: str, key: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(key, target, f"cannot import module '{module_name}': {e}") from None
+        reason = f"cannot import module '{module_name}': {e}{install_hint(e)}"
+        raise ConfigError(key, target, reason) from None
     if not hasattr(module, attr):
         raise ConfigError(key, target, f"module '{module_name}' has no attribute '{attr}'")
     return getattr(module, attr)

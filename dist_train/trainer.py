@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,10 @@ from dist_train.config import RunConfig, accumulation_steps, micro_batch_size
 from dist_train.data import Data, DataSpec
 from dist_train.env import DistEnv, all_reduce_mean
 from dist_train.errors import NonFiniteError
-from dist_train.loader import BatchLoader
+from dist_train.evaluation import MetricSums, build_metrics
+from dist_train.loader import Batch, BatchLoader
 from dist_train.metrics import MetricsLogger, mfu, peak_flops
-from dist_train.models.gpt import GPT, generate
+from dist_train.models.protocol import logits_of, sampler
 from dist_train.nonfinite import (
     check_finite_before_save,
     check_logged_loss,
@@ -33,21 +34,25 @@ from dist_train.precision import Precision
 from dist_train.signals import Preempted, StopRequest
 from dist_train.watch import Progress
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
 
 def build_loss(spec: DataSpec) -> LossFn:
+    """The task's loss of a model's output (a tensor, or an object holding `logits`, as
+    transformers models return). LM targets come shifted from the data already, so a
+    transformers model is never given `labels=` (it would shift them again)."""
     if spec.task == "lm":
-        return lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return lambda out, y: F.cross_entropy(logits_of(out).flatten(0, 1), y.flatten())
     if spec.task == "regression":
-        return F.mse_loss
-    return F.cross_entropy
+        return lambda out, y: F.mse_loss(logits_of(out), y)
+    return lambda out, y: F.cross_entropy(logits_of(out), y)
 
 
 @dataclass
 class FitResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> mean train loss of interval
     val_losses: dict[int, float] = field(default_factory=dict)
+    val_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> val/...
     sample: str | None = None
 
 
@@ -65,11 +70,15 @@ class Trainer:
         logger: MetricsLogger,
         stop: StopRequest,
         progress: Progress,
+        flops_per_token: float | None = None,
     ) -> None:
+        """`flops_per_token`: training FLOPs per token for the `mfu` metric (see
+        `build.flops_for_mfu`; counted before wrapping), None for no mfu."""
         self.cfg, self.env, self.data, self.model = cfg, env, data, model
         self.optimizer, self.precision, self.checkpointer = optimizer, precision, checkpointer
         self.state, self.logger, self.stop, self.progress = state, logger, stop, progress
         self.loss_fn = build_loss(data.spec)
+        self.metrics = build_metrics(cfg, data.spec)
         self.accum = accumulation_steps(cfg, env.world_size)
         self.micro_batch_size = micro_batch_size(cfg, env.world_size)
         batch, seed = cfg.train.global_batch_size, cfg.train.seed
@@ -81,9 +90,8 @@ class Trainer:
             if data.val is not None
             else None
         )
-        flops = getattr(unwrap(model), "flops_per_token", None)
         peak = peak_flops(cfg.log, env.device, cfg.precision.dtype)
-        self._mfu_inputs = (flops(), peak) if flops is not None and peak else None
+        self._mfu_inputs = (flops_per_token, peak) if flops_per_token and peak else None
         # Loss summed on the device between log steps: no host sync on steps that do not log.
         self._interval_loss = torch.zeros((), device=env.device)
         # on_nonfinite=skip: updates dropped (in total, in a row, in this log interval).
@@ -98,7 +106,7 @@ class Trainer:
         before = self._interval_loss.clone() if self.skip_nonfinite else None
         for i in range(self.accum):
             self.progress.enter("data", step, i)
-            x, y = self.train_batches.get(step, i, self.cfg.train.max_steps)
+            x, y = self.train_batches.get(step, i)
             self.progress.enter("forward/backward", step, i)
             with grad_sync(self.model, enabled=i == self.accum - 1):
                 with self.precision.autocast():
@@ -143,22 +151,32 @@ class Trainer:
         return True
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean validation loss over the same fixed global batches every time, split across
-        ranks exactly like training batches and averaged over all of them."""
-        if self.val_batches is None or self.cfg.train.eval_batches <= 0:
+    def evaluate(self) -> dict[str, float] | None:
+        """Validation metrics (`val/loss`, ...; see evaluation.py) over every validation sample
+        once, or over `eval_batches` seeded global batches (`train.eval_mode`), split across
+        ranks like training batches and reduced as sums."""
+        batches = self._eval_pass()
+        if batches is None:
             return None
         model = unwrap(self.model)
         model.eval()
         self.progress.enter("evaluation", self.state.step - 1)
-        totals = torch.zeros(2, device=self.env.device)  # loss * samples, samples
-        for _, _, x, y in self.val_batches.iterate(0, self.cfg.train.eval_batches):
+        sums = MetricSums(self.metrics)
+        for _, _, x, y, real in batches:
             with self.precision.autocast():
-                totals[0] += self.loss_fn(model(x), y).float() * len(x)
-            totals[1] += len(x)
+                output = model(x)
+            sums.add(output, y, real)
         model.train()
-        all_reduce_mean(totals, self.env)  # the ratio is what matters; mean == sum / world
-        return (totals[0] / totals[1]).item()
+        return sums.reduce(self.env)
+
+    def _eval_pass(self) -> Iterator[Batch] | None:
+        t, val = self.cfg.train, self.val_batches
+        if val is None:
+            return None
+        small = len(val.dataset) <= t.eval_batches * t.global_batch_size
+        if t.eval_mode == "full" or (t.eval_mode == "auto" and small):
+            return val.every_sample_once()
+        return val.iterate(0, t.eval_batches) if t.eval_batches > 0 else None
 
     def maybe_log(
         self,
@@ -219,10 +237,11 @@ class Trainer:
     def maybe_evaluate(self, result: FitResult) -> None:
         every, step = self.cfg.train.eval_every, self.state.step
         if step == self.cfg.train.max_steps or (every > 0 and step % every == 0):
-            val = self.evaluate()
-            if val is not None:
-                result.val_losses[step] = val
-                self.logger.log({"step": step, "val_loss": val})
+            values = self.evaluate()
+            if values is not None:
+                result.val_losses[step] = values["val/loss"]
+                result.val_metrics[step] = values
+                self.logger.log({"step": step, **values})
 
     def maybe_checkpoint(self) -> None:
         """Periodic saves (async if configured) and the final one, always synchronous."""
@@ -288,7 +307,7 @@ class Trainer:
         self.logger.print(
             f"done: {self.state.step} steps in {time.perf_counter() - start:.1f} s"
             + (f", loss {last:.4f}" if last is not None else "")
-            + (f", val_loss {val:.4f}" if val is not None else "")
+            + (f", val/loss {val:.4f}" if val is not None else "")
             + f"; metrics in {Path(self.cfg.train.run_dir) / 'metrics.jsonl'}"
         )
         return result
@@ -308,14 +327,14 @@ class Trainer:
         """Every rank samples the same text (same seed): under FSDP2 each forward gathers
         parameters collectively, so all ranks must take part. Only the main rank prints."""
         spec, chars = self.data.spec, self.cfg.train.sample_chars
-        model = unwrap(self.model)
-        if not (chars > 0 and spec.encode and spec.decode and isinstance(model, GPT)):
+        sample = sampler(unwrap(self.model))  # the model's own, a causal LM's, or none
+        if not (chars > 0 and spec.encode and spec.decode and sample is not None):
             return None
         prompt_ids = spec.encode(self.cfg.train.sample_prompt) or [0]
         prompt = torch.tensor([prompt_ids], device=self.env.device)
         g = torch.Generator(device=self.env.device).manual_seed(self.cfg.train.seed)
         with self.precision.autocast():
-            out = generate(model, prompt, chars, generator=g)
+            out = sample(prompt, chars, g)
         text = spec.decode(out[0].tolist())
         self.logger.print(f"--- sample ({chars} characters) ---\n{text}\n---")
         return text

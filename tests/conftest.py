@@ -86,7 +86,9 @@ def cli(
     """The installed `dist-train` script, as a user runs it. By default from an empty temporary
     directory: relative run directories land there, and `configs/NAME.yaml` resolves to the
     shipped config, so no test reads or writes the checkout's own `runs/`."""
-    full_env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    # The checkout under test first: an editable install of another checkout (or a worktree's
+    # main) must not answer for `dist_train` in the subprocess.
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
         full_env.pop(var, None)  # inherited ones only: a test may set them on purpose
     full_env.update(env or {})
@@ -212,6 +214,7 @@ def train_in_process(
         out = {
             "losses": result.losses,
             "val": result.val_losses,
+            "val_metrics": result.val_metrics,
             "params": params,
             "local_numel": local_numel(model),
             "numel": sum(p.numel() for p in model.parameters()),
@@ -224,17 +227,13 @@ def train_in_process(
     return out
 
 
-# Small GPT settings shared by tests that train: seconds, not minutes, on 2 cores.
-TINY_GPT = [
-    "train.device=cpu",
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=32",
-    "model.block_size=32",
-    "data.max_chars=100000",
-    "train.eval_batches=2",
-    "log.progress=never",
-]
+# Small settings shared by tests that train: seconds, not minutes, on 2 cores. Each model and
+# data source has only its own keys, so the parts come apart: TINY_TEXT for any model on 32-token
+# windows of a capped text corpus (gpt or a _target_), GPT_SHAPE for the built-in gpt's size.
+TINY_RUN = ["train.device=cpu", "train.eval_batches=2", "log.progress=never"]
+TINY_TEXT = [*TINY_RUN, "model.block_size=32", "data.max_chars=100000"]
+GPT_SHAPE = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32"]
+TINY_GPT = [*TINY_TEXT, *GPT_SHAPE]
 
 # Exactness runs: fp32, no dropout, every step logged. SGD is kept on purpose: only SGD exposes a
 # gradient summed over ranks instead of averaged (Adam is nearly blind to the scale).

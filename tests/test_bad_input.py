@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_GPT, cli, mount_tmpfs
+from conftest import GPT_SHAPE, TINY_RUN, cli, mount_tmpfs
 
 Setup = Callable[[Path], list[str]]
-TINY = [*TINY_GPT, "train.max_steps=2", "data.max_chars=50000"]
+TINY = [*TINY_RUN, *GPT_SHAPE, "model.block_size=32", "train.max_steps=2"]
 
 
 def _none(_: Path) -> list[str]:
@@ -143,7 +143,9 @@ def command(tmp_path: Path, extra: list[str], args: list[str], nproc: str) -> li
         words.append(f"train.run_dir={tmp_path}/run")
     if "--nproc" not in words:
         words += ["--nproc", nproc]
-    return ["train", config, *TINY, *words]
+    # only the text source has a corpus to cap (the tokens cases select another source)
+    corpus = [] if any(w.startswith("data.name=") for w in words) else ["data.max_chars=50000"]
+    return ["train", config, *TINY, *corpus, *words]
 
 
 @pytest.mark.slow
@@ -226,6 +228,18 @@ def _hold_lock(run: Path) -> None:  # a live process on this host: this test's o
 
 RUN_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
     ("export to a directory", lambda run: None, ["export", "{run}", "--out", "{run}"], "--out="),
+    (
+        "export in an unknown dtype",
+        lambda run: None,
+        ["export", "{run}", "--out", "{tmp}/m.safetensors", "--dtype", "int8"],
+        "--dtype='int8'",
+    ),
+    (
+        "export of an export",
+        lambda run: (run / "m.safetensors").write_bytes(b""),
+        ["export", "{run}/m.safetensors", "--out", "{tmp}/m.safetensors"],
+        "checkpoint=",
+    ),
     (
         "export of a truncated shard",
         _truncate,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from dist_train.bench import BENCHMARKS, get_benchmark, load_runner, split_config
+from dist_train.bench import BENCHMARKS, get_benchmark, load_runner, make_args, split_config
 from dist_train.bench.harness import BenchArgs, measure_interleaved
 from dist_train.bench.report import BenchReport, Column, format_table, timing_rows, write_json
 from dist_train.bench.stats import (
@@ -189,6 +189,19 @@ def test_input_errors_surface_in_the_parent(argv: list[str], key: str) -> None:
     assert e.value.key == key
 
 
+def test_overhead_takes_fsdp_and_accelerate_does_not() -> None:
+    """`bench overhead parallel.strategy=fsdp` passes the parent's checks (the hand-written
+    loop has an FSDP2 form); Accelerate's loop stays plain DDP."""
+    ns = build_parser().parse_args(["bench", "overhead", "parallel.strategy=fsdp", "--nproc", "2"])
+    args, cfg = make_args(ns)
+    assert (args.nproc, cfg.parallel.strategy) == (2, "fsdp")
+    ns = build_parser().parse_args(
+        ["bench", "accelerate", "parallel.strategy=fsdp", "--nproc", "2"]
+    )
+    with pytest.raises(ConfigError, match="plain DDP loops"):
+        make_args(ns)
+
+
 def test_missing_optional_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """accelerate is an optional extra: without it, `bench accelerate` names the extra."""
     import importlib.util
@@ -266,6 +279,18 @@ def test_smoke_overhead_two_workers() -> None:
     check_training(data, ["dist_train", "raw_torch"])
     assert data["settings"]["backend"] == "gloo"
     check_host_syncs(data, "raw_torch")
+
+
+@pytest.mark.distributed
+def test_smoke_overhead_fsdp() -> None:
+    """Against a hand-written FSDP2 loop, with 2 micro-batches per step (its gradient sync)."""
+    data = smoke("overhead", 2, "parallel.strategy=fsdp", "train.micro_batch_size=4")
+    check_training(data, ["dist_train", "raw_torch"])
+    assert data["settings"]["strategy"] == "fsdp" and data["settings"]["accumulation_steps"] == 2
+    assert data["settings"]["max_param_diff"] < 1e-5  # the same work, step for step
+    check_host_syncs(data, "raw_torch")
+    lines = format_table(BenchReport("overhead", {}, [], [], data["ratios"])).splitlines()
+    assert lines[-1].startswith("step time dist_train/raw_torch: ")
 
 
 @pytest.mark.distributed

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_model
 
 from dist_train.checkpoint import checkpointer as ckpt_module
 from dist_train.checkpoint.export import load_model_weights
@@ -157,7 +157,7 @@ def test_export_roundtrip_init_from_and_freeze(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     cfg = load_config(None, RUN)
     plain = build_model(cfg.model, build_data(cfg).spec)
-    plain.load_state_dict(load_file(tmp_path / "model.safetensors"))  # strict
+    load_model(plain, tmp_path / "model.safetensors")  # strict; the tied head is stored once
     for name, tensor in plain.state_dict().items():
         assert torch.equal(tensor, run["params"][name]), name
     tuned = train_in_process(

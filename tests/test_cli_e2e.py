@@ -41,7 +41,7 @@ def assert_trained(proc: subprocess.CompletedProcess[str], run_dir: Path) -> lis
     vals = [
         json.loads(line)
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if "val_loss" in line
+        if "val/loss" in line
     ]
     assert [v["step"] for v in vals] == [20, 40]
     assert (run_dir / "config.yaml").is_file()
@@ -210,7 +210,7 @@ def test_readme_quickstart_command(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = train_records(tmp_path / "qs")
     assert records[-1]["step"] == 1000 and records[-1]["loss"] < 0.7 * records[0]["loss"]
-    assert "--- sample" in proc.stdout and "val_loss" in proc.stdout
+    assert "--- sample" in proc.stdout and "val/loss" in proc.stdout
     print(f"quickstart: {records[-1]['elapsed_sec']:.1f} s, loss {records[-1]['loss']:.3f}")
 
 

@@ -13,7 +13,7 @@ from dist_train.config import accumulation_steps, load_config, micro_batch_size,
 from dist_train.data import build_data
 from dist_train.errors import ConfigError
 from dist_train.models import build_model
-from dist_train.sections import DATA, MODELS, SECTIONS, MLPConfig, ModelConfig
+from dist_train.sections import DATA, MODELS, SECTIONS, MLPConfig, TargetModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,7 +139,7 @@ OWN_KEYS = {
     "model.name=gpt": ["n_layer", "n_head", "n_embd", "block_size", "bias"],
     "model.name=mlp": ["hidden_dims"],
     "model.name=cnn": ["channels"],
-    "model._target_=user_plugins.TinyRegressor": [],
+    "model._target_=user_plugins.TinyRegressor": ["block_size"],
     "data.name=text": ["path", "max_chars", "val_fraction"],
     "data.name=tokens": ["path", "val_fraction", "vocab_size"],
     "data.name=synthetic": ["task", "num_samples", "input_shape", "num_classes", "val_fraction"],
@@ -186,10 +186,10 @@ def _value(section: object, key: str) -> str:
             "hidden_dims",
         ),
         (
-            ["model._target_=user_plugins.TinyRegressor", "model.block_size=8"],
-            "model.block_size=8: unknown key: not a key of "
+            ["model._target_=user_plugins.TinyRegressor", "model.n_layer=2"],
+            "model.n_layer=2: unknown key: not a key of "
             "model._target_=user_plugins.TinyRegressor (a key of model.name=gpt); valid: "
-            "name, _target_, kwargs, dropout, init_from, freeze",
+            "name, _target_, kwargs, dropout, init_from, freeze, block_size",
         ),
         (
             ["data.name=synthetic", "data.path=x.txt"],
@@ -229,7 +229,7 @@ def test_switching_model_or_data_by_override_drops_the_files_settings_of_the_old
     cfg = load_config(
         REPO / "configs/mlp_synthetic.yaml", ["model._target_=user_plugins.Exploding"]
     )
-    assert type(cfg.model) is ModelConfig and cfg.model.name == "mlp"  # common keys kept
+    assert type(cfg.model) is TargetModelConfig and cfg.model.name == "mlp"  # common keys kept
 
 
 # What main's `config.yaml` held before per-model sections: every model's and data source's
@@ -320,8 +320,9 @@ def test_token_windows_need_a_model_with_a_block_size() -> None:
     with pytest.raises(ConfigError, match=r"model\.name=mlp has no block_size") as err:
         build_data(cfg)
     assert err.value.key == "data.name"
-    cfg = load_config(None, ["model.block_size=16", "data.max_chars=1000"])
-    assert build_data(cfg).train.get_batch(torch.arange(2))[0].shape == (2, 16)
+    for model in ("model.name=gpt", "model._target_=user_plugins.PlainLM"):
+        cfg = load_config(None, [model, "model.block_size=16", "data.max_chars=1000"])
+        assert build_data(cfg).train.get_batch(torch.arange(2))[0].shape == (2, 16)
 
 
 def test_check_prints_only_the_selected_models_and_datas_keys(

@@ -137,4 +137,4 @@ def test_torchvision_style_dataset_trains_from_the_cli(tmp_path: Path) -> None:
         f"train.run_dir={tmp_path}/run",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "val_loss" in (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "val/loss" in (tmp_path / "run" / "metrics.jsonl").read_text()

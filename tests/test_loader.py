@@ -29,7 +29,7 @@ def _batches(
     loader = BatchLoader(data.train, 16, 7, env, micro, cfg.data)
     try:
         per_step = 16 // world // micro
-        return [loader.get(s, i, stop) for s in range(start, stop) for i in range(per_step)]
+        return [loader.get(s, i) for s in range(start, stop) for i in range(per_step)]
     finally:
         loader.close()
 

@@ -17,7 +17,7 @@ from dist_train.errors import ConfigError
 from dist_train.launcher import LaunchConfig, check_launch, threads_per_worker, torchrun_argv
 from dist_train.metrics import MetricsLogger
 from dist_train.models import build_model, count_parameters
-from dist_train.models.gpt import GPT, generate
+from dist_train.models.gpt import GPT
 from dist_train.optim import build_optimizer, clip_and_measure, lr_at
 from dist_train.sections import CNNConfig, GPTConfig, MLPConfig
 
@@ -29,7 +29,7 @@ def test_gpt_shapes_tying_and_generation() -> None:
     assert isinstance(model, GPT) and model.lm_head.weight is model.wte.weight
     logits = model(torch.randint(0, 11, (3, 8)))
     assert logits.shape == (3, 8, 11)
-    out = generate(model, torch.zeros(1, 1, dtype=torch.long), 20)
+    out = model.sample_tokens(torch.zeros(1, 1, dtype=torch.long), 20)
     assert out.shape == (1, 21) and model.training  # mode restored
     # tied weight counted once: embeddings 11*16 + 8*16, no separate head
     blocks = 2 * (16 * 48 + 16 * 16 + 2 * 16 * 64 + 2 * 16)

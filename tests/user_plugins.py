@@ -122,3 +122,73 @@ def jitter(item: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch
     """A random augmentation drawing from torch's global RNG, as torchvision's do."""
     x, y = item
     return x + torch.rand(x.shape), y
+
+
+class PlainLM(nn.Module):
+    """A token model offering nothing of the model protocol (no FSDP units, no
+    FLOPs figure, no sampling) and returning a dict with `logits`, as some libraries do."""
+
+    def __init__(self, vocab_size: int, width: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
+        self.head = nn.Linear(width, vocab_size)
+
+    def forward(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(self.mlp(self.embed(idx)))}
+
+
+class MarkerSequences(torch.utils.data.Dataset):
+    """Token sequences labeled by the marker token (id 0..classes-1) they start with, where
+    BERT keeps its [CLS] token, among random filler: sequence classification that a tiny BERT
+    learns in a few dozen steps."""
+
+    task = "classification"
+
+    def __init__(
+        self, split: str, n: int = 256, length: int = 12, vocab: int = 24, classes: int = 3
+    ) -> None:
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        self.x = torch.randint(classes, vocab, (n, length), generator=g)
+        self.y = torch.randint(0, classes, (n,), generator=g)
+        self.x[:, 0] = self.y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+class IndexedSamples(torch.utils.data.Dataset):
+    """Regression samples whose target is their own index: a metric can see which samples an
+    evaluation counted, and how often."""
+
+    task = "regression"
+
+    def __init__(self, split: str, n: int = 10) -> None:
+        self.x = torch.randn(n, 8, generator=torch.Generator().manual_seed(len(split)))
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], torch.tensor([float(i)])
+
+
+class SampleCounter:
+    """A user metric (`train.metrics`): how many samples, and the sums of their ids and squared
+    ids (each sample counted once gives n, n(n-1)/2 and (n-1)n(2n-1)/6)."""
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ids = target.flatten().double()
+        return torch.stack(
+            [torch.tensor(float(len(ids)), dtype=torch.float64), ids.sum(), (ids**2).sum()]
+        )
+
+    def compute(self, sums: torch.Tensor) -> dict[str, float]:
+        count, total, squares = sums.tolist()
+        return {"count": count, "id_sum": total, "id_squares": squares}

@@ -1,5 +1,6 @@
 """Training contenders: dist_train's own hot path, and a minimal hand-written PyTorch loop that
-does the same work (same model, batches, optimizer, schedule, clipping, precision, DDP buckets).
+does the same work (same model, batches, optimizer, schedule, clipping, precision, DDP buckets
+or FSDP2 units and mixed-precision policy).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.overrides import TorchFunctionMode
 
@@ -28,21 +31,30 @@ from dist_train.trainer import Trainer
 
 
 def check_plain_ddp(cfg: RunConfig, nproc: int) -> None:
-    """The hand-written and Accelerate loops use plain DDP: another strategy or a compression
-    hook in dist_train would turn the comparison into one of different work."""
+    """The Accelerate loop uses plain DDP: another strategy or a compression hook in dist_train
+    would turn the comparison into one of different work."""
+    _check_plain(cfg, nproc, ("none", "ddp"), "use auto or ddp")
+
+
+def check_hand_written(cfg: RunConfig, nproc: int) -> None:
+    """The hand-written loop wraps with plain DDP or FSDP2, without compression hooks."""
+    _check_plain(cfg, nproc, ("none", "ddp", "fsdp"), "use auto, ddp or fsdp")
+
+
+def _check_plain(cfg: RunConfig, nproc: int, strategies: tuple[str, ...], use: str) -> None:
     strategy = resolve_strategy(cfg.parallel, nproc)
-    if strategy not in ("none", "ddp"):
+    if strategy not in strategies:
         raise ConfigError(
             "parallel.strategy",
             cfg.parallel.strategy,
-            "this benchmark compares plain DDP loops; use auto or ddp",
+            f"this benchmark compares plain {'/'.join(strategies[1:]).upper()} loops; {use}",
         )
     compression = getattr(cfg.parallel, "grad_compression", "none")
     if compression != "none":
         raise ConfigError(
             "parallel.grad_compression",
             compression,
-            "this benchmark compares plain DDP loops; use none",
+            "this benchmark compares loops without compression hooks; use none",
         )
 
 
@@ -103,9 +115,29 @@ def rank_batches(cfg: RunConfig, env: DistEnv, data: Data, steps: int) -> list[t
     return [sampler.rank_indices(s, env.rank, env.world_size).clone() for s in range(steps)]
 
 
+def shard_by_hand(model: nn.Module, cfg: RunConfig, env: DistEnv) -> nn.Module:
+    """FSDP2 as one writes it: each block the model names, then the root, on one mesh, with
+    the mixed-precision policy of the run's precision settings."""
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    policy = MixedPrecisionPolicy(
+        param_dtype=DTYPES[cfg.precision.dtype], reduce_dtype=DTYPES[cfg.precision.reduce_dtype]
+    )
+    for block in model.fsdp_units() if hasattr(model, "fsdp_units") else []:
+        fully_shard(
+            block,
+            mesh=mesh,
+            mp_policy=policy,
+            reshard_after_forward=cfg.parallel.reshard_after_forward,
+        )
+    # The root (embeddings, tied head) is used again right away by backward: kept gathered.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    return model
+
+
 class RawLoop:
     """What one writes by hand: model (same init), DDP with the same bucket size when there is
-    more than one worker, AdamW, autocast (+ GradScaler for fp16), clip, step, zero_grad."""
+    more than one worker (FSDP2 with `parallel.strategy=fsdp`), AdamW, autocast (+ GradScaler
+    for fp16), clip, step, zero_grad."""
 
     def __init__(self, cfg: RunConfig, env: DistEnv, data: Data, steps: int) -> None:
         self.cfg, self.env, self.data = cfg, env, data
@@ -113,7 +145,8 @@ class RawLoop:
         model = build_model(cfg.model, data.spec).to(env.device)
         self.module = model
         self.model: nn.Module = model
-        if env.world_size > 1:
+        self.strategy = resolve_strategy(cfg.parallel, env.world_size)
+        if self.strategy == "ddp":
             ids = [env.device.index] if env.device.type == "cuda" else None
             self.model = DDP(
                 model,
@@ -121,6 +154,8 @@ class RawLoop:
                 bucket_cap_mb=cfg.parallel.bucket_cap_mb,
                 static_graph=cfg.parallel.static_graph,
             )
+        elif self.strategy == "fsdp":
+            self.model = shard_by_hand(model, cfg, env)  # in place: model is sharded now
         self.optimizer = raw_optimizer(cfg, model)
         dtype = DTYPES[cfg.precision.dtype]
         self.autocast_dtype = None if dtype == torch.float32 else dtype
@@ -129,6 +164,14 @@ class RawLoop:
         self.micro = micro_batch_size(cfg, env.world_size)
         self.batches = rank_batches(cfg, env, data, steps)
         self.step = 0
+
+    def _grad_sync(self, last: bool) -> AbstractContextManager[Any]:
+        """Gradients are reduced across ranks on the last micro-batch of a step only."""
+        if self.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+        if self.strategy == "ddp" and not last:
+            return self.model.no_sync()  # type: ignore[operator]
+        return nullcontext()
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.autocast_dtype is None:
@@ -156,7 +199,7 @@ class RawLoop:
             for i, chunk in enumerate(chunks):
                 x, y = self._load(chunk)
                 last = i == len(chunks) - 1
-                with nullcontext() if last or model is self.module else model.no_sync():
+                with self._grad_sync(last):
                     with self._autocast():
                         loss = raw_loss(model(x), y, self.data.spec.task)
                     if self.accum > 1:
@@ -189,6 +232,7 @@ def training_settings(cfg: RunConfig, env: DistEnv, loop: FrameworkLoop) -> dict
         "model": cfg.model._target_ or cfg.model.name,
         "parameters": sum(p.numel() for p in loop.parameters()),
         "world_size": env.world_size,
+        "strategy": resolve_strategy(cfg.parallel, env.world_size),
         "device": str(env.device),
         "backend": env.backend,
         "precision": cfg.precision.dtype,

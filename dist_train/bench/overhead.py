@@ -68,7 +68,7 @@ def head_to_head_report(
             )
         },
         notes=[
-            f"{args.nproc} worker(s) x {result['threads']} thread(s), "
+            f"{args.nproc} worker(s) x {result['threads']} thread(s), {result['strategy']}, "
             f"{result['precision']}, global batch {batch}{setup}; parameters after the run "
             f"differ by at most {result['max_param_diff']:.2g} (same work)",
             f"host syncs (tensor value reads) per step: {result['host_syncs_per_step']}",

@@ -47,10 +47,11 @@ from dist_train.checkpoint.files import (
 )
 from dist_train.checkpoint.integrity import HashingWriter, collect_digests
 from dist_train.checkpoint.reader import ThreadedFileSystemReader
-from dist_train.checkpoint.state import loaded_in_place, rng_state, set_rng_state
+from dist_train.checkpoint.state import loaded_in_place, rng_state, set_rng_state, tied_names
 from dist_train.config import RunConfig
 from dist_train.env import DistEnv
 from dist_train.errors import ConfigError, DistTrainError, first_line
+from dist_train.parallel import unwrap
 from dist_train.precision import Precision
 
 
@@ -76,6 +77,7 @@ class Checkpointer:
         self.cfg, self.env = cfg, env
         self.model, self.optimizer, self.precision = model, optimizer, precision
         self.root = Path(cfg.train.run_dir) / "checkpoints"
+        self.tied = tied_names(unwrap(model))  # for the manifest: export stores them once
         # Background saves talk on their own gloo group: sharing the training group would let
         # the save's collectives interleave with the loop's (a deadlock or a wrong result).
         # Synchronous saves block the loop, so they use the training group (None = default).
@@ -210,7 +212,9 @@ class Checkpointer:
         if not self.env.is_main:
             return
         digests = collect_digests(tmp)
-        manifest = manifest_for(self.cfg, self.env, saved.step, saved.samples_seen, tmp, digests)
+        manifest = manifest_for(
+            self.cfg, self.env, saved.step, saved.samples_seen, tmp, digests, self.tied
+        )
         path = tmp / MANIFEST
         path.write_text(json.dumps(manifest, indent=1))
         with open(path, "rb") as f:

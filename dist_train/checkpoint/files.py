@@ -131,6 +131,7 @@ def manifest_for(
     samples_seen: int,
     folder: Path,
     checksums: dict[str, str],
+    tied: list[list[str]],
 ) -> dict[str, Any]:
     invariant = invariant_settings(cfg, cfg)
     files = {
@@ -152,6 +153,7 @@ def manifest_for(
             :16
         ],
         "config": dataclasses.asdict(cfg),
+        "tied": tied,  # model state-dict names that are one tensor (state.tied_names)
         "files": files,
         "checksums": checksums,  # XXH3-64 per file (integrity.collect_digests)
     }

@@ -31,6 +31,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """Groups of state-dict names that are one tensor (GPT's `lm_head.weight` is `wte.weight`).
+    Recorded in each checkpoint's manifest: DCP writes every name separately, and an export
+    that stores the tensor once, the way `safetensors.torch.save_model` does, must know them."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():  # the objects themselves
+        groups.setdefault(id(tensor), []).append(name)
+    return sorted(sorted(names) for names in groups.values() if len(names) > 1)
+
+
 def local_ptr(t: torch.Tensor) -> int:
     return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
 

@@ -108,7 +108,7 @@ def pinned_text(staging: dict[str, Any] | None) -> str:
 
 
 def export_check(ctx: Context, numbers: dict[str, Any]) -> str:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, load_model
 
     from dist_train.checkpoint.export import export
     from dist_train.gpu_check.training import train, weights_diff
@@ -116,9 +116,9 @@ def export_check(ctx: Context, numbers: dict[str, Any]) -> str:
 
     cfg = quickstart(ctx, "export_run", ctx.sizes.export_steps)
     run = train(cfg)
-    out = export(cfg.train.run_dir, str(ctx.work_dir / "model.safetensors"))
+    out = export(cfg.train.run_dir, str(ctx.work_dir / "model.safetensors"), "fp32", print)
     fresh = build_model(cfg.model, run.spec)
-    fresh.load_state_dict(load_file(out))  # strict: every name and shape must match
+    load_model(fresh, out)  # strict: every name and shape must match, tied weights stored once
     fresh.to(ctx.device).eval()
     run.model.eval()
     weights_bitwise, _ = weights_diff(run.model, fresh)

@@ -1,4 +1,6 @@
-"""Model registry: built-in models by name, user models by `_target_` import path."""
+"""Model registry: built-in models by name, user models by `_target_` import path (a
+transformers model class is built from its config; see `hf.py`). What a model may offer the
+framework is declared in `protocol.py`."""
 
 from __future__ import annotations
 
@@ -6,17 +8,32 @@ import math
 
 from torch import nn
 
-from dist_train.config import call_target
+from dist_train.config import call_target, resolve_target
 from dist_train.data import DataSpec
 from dist_train.errors import ConfigError
 from dist_train.models.gpt import GPT
+from dist_train.models.hf import build_hf_model, is_hf_class, is_pretrained_dir
 from dist_train.models.simple import CNN, MLP
 from dist_train.sections import CNNConfig, GPTConfig, MLPConfig, ModelConfig
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    target = resolve_target(cfg._target_, "model._target_") if cfg._target_ else None
+    if is_hf_class(target):
+        return build_hf_model(target, cfg, spec)
+    if is_pretrained_dir(cfg.init_from):  # its weights could only be read by transformers
+        raise ConfigError(
+            "model.init_from",
+            cfg.init_from,
+            "is a save_pretrained folder: set model._target_ to its transformers class "
+            "(e.g. transformers.GPT2LMHeadModel)",
+        )
     if cfg._target_:
         return call_target(cfg._target_, "model._target_", "model.kwargs", **cfg.kwargs)
+    return _build_named(cfg, spec)
+
+
+def _build_named(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     if isinstance(cfg, GPTConfig):
         if spec.task != "lm":
             raise ConfigError("model.name", cfg.name, f"needs token data, got a {spec.task} task")

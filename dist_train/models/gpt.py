@@ -1,4 +1,5 @@
-"""A decoder-only transformer (GPT-2 shape) and sampling from it."""
+"""A decoder-only transformer (GPT-2 shape) offering the whole model protocol (FSDP units,
+analytic FLOPs per token, sampling)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dist_train.models.protocol import generate
 
 
 class CausalSelfAttention(nn.Module):
@@ -82,6 +85,12 @@ class GPT(nn.Module):
         """Modules FSDP2 shards one by one (gathered just in time, freed right after)."""
         return list(self.blocks)
 
+    def sample_tokens(
+        self, prompt: torch.Tensor, new_tokens: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Top-k sampling over the last `block_size` tokens (see `protocol.generate`)."""
+        return generate(self, prompt, new_tokens, generator, context=self.block_size)
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -95,27 +104,3 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
-
-
-@torch.no_grad()
-def generate(
-    model: GPT,
-    prompt: torch.Tensor,
-    new_tokens: int,
-    temperature: float = 0.8,
-    top_k: int | None = 20,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Autoregressive sampling; `prompt` is (1, t) token ids. Restores the model's mode."""
-    was_training = model.training
-    model.eval()
-    idx = prompt
-    for _ in range(new_tokens):
-        logits = model(idx[:, -model.block_size :])[:, -1, :] / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits.float(), dim=-1)
-        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
-    model.train(was_training)
-    return idx
