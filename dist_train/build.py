@@ -16,12 +16,14 @@ from dist_train.checkpoint.files import read_manifest, resolve_resume
 from dist_train.config import RunConfig, accumulation_steps, save_config
 from dist_train.data import Data, build_data
 from dist_train.env import DistEnv
+from dist_train.evaluation import known_metric_names
 from dist_train.metrics import MetricsLogger, peak_flops, trim_metrics
 from dist_train.models import build_model
 from dist_train.models.protocol import flops_per_token, fsdp_units
 from dist_train.optim import build_optimizer, decay_horizon
 from dist_train.parallel import wrap_model
 from dist_train.precision import Precision
+from dist_train.selection import check_watched
 from dist_train.signals import StopRequest
 from dist_train.trainer import Trainer
 from dist_train.watch import Progress
@@ -87,6 +89,7 @@ def build_trainer(
     and `progress` is what its peers read when one of them waits in vain."""
     accumulation_steps(cfg, env.world_size)  # fail on a bad batch split before touching anything
     data = build_data(cfg)
+    check_watched(cfg, data.val is not None, known_metric_names(cfg, data.spec))
     resume_from = resolve_resume(cfg)
     saved = read_manifest(resume_from) if resume_from is not None else None
     cfg = with_schedule_horizon(cfg, saved)

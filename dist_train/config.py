@@ -60,6 +60,14 @@ class OptimConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    metric: str = ""  # an evaluation metric, e.g. val/loss ("": never stop early)
+    mode: str = "min"  # min | max: which way is better
+    patience: int = 3  # evaluations in a row without improvement before the run stops
+    min_delta: float = 0.0  # an improvement must beat the best so far by more than this
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"  # config.yaml, metrics.jsonl, checkpoints
     max_steps: int = 100  # optimizer steps
@@ -90,6 +98,7 @@ class TrainConfig:
     # max_nonfinite_skips in a row; reads the gradient norm on the host every step).
     on_nonfinite: str = "stop"
     max_nonfinite_skips: int = 10
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -117,6 +126,14 @@ class PrecisionConfig:
 
 
 @dataclass
+class BestConfig:
+    # Keep the checkpoint of the best evaluation on this metric (e.g. val/loss), saved when it
+    # improves, as checkpoints/best, apart from keep_last ("": no best checkpoint).
+    metric: str = ""
+    mode: str = "min"  # min | max
+
+
+@dataclass
 class CheckpointConfig:
     enabled: bool = True  # the last step always saves when enabled
     every_steps: int = 0  # also save every N steps (0: only at the end)
@@ -125,6 +142,7 @@ class CheckpointConfig:
     # memory; files are written in the background (DCP async_save on its own gloo group). The
     # copy is kept between saves: one extra CPU copy of the state for the whole run.
     async_save: bool = False
+    best: BestConfig = field(default_factory=BestConfig)
 
 
 @dataclass
@@ -161,6 +179,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log.progress": ("auto", "always", "never"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.eval_mode": ("auto", "full", "sampled"),
+    "train.early_stopping.mode": ("min", "max"),
+    "checkpoint.best.mode": ("min", "max"),
 }
 POSITIVE = (
     "train.max_steps",
@@ -232,6 +252,24 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("optim.betas", cfg.optim.betas, "expected two numbers")
     for metric in cfg.train.metrics:
         resolve_target(metric, "train.metrics")
+    _validate_selection(cfg)
+
+
+def _validate_selection(cfg: RunConfig) -> None:
+    """checkpoint.best and train.early_stopping watch an evaluation metric."""
+    stop, best = cfg.train.early_stopping, cfg.checkpoint.best
+    for key, metric in (
+        ("train.early_stopping.metric", stop.metric),
+        ("checkpoint.best.metric", best.metric),
+    ):
+        if metric and not metric.startswith("val/"):
+            raise ConfigError(key, metric, "expected an evaluation metric, e.g. val/loss")
+    if stop.patience < 1:
+        raise ConfigError("train.early_stopping.patience", stop.patience, "must be >= 1")
+    if stop.min_delta < 0:
+        raise ConfigError("train.early_stopping.min_delta", stop.min_delta, "must be >= 0")
+    if best.metric and not cfg.checkpoint.enabled:
+        raise ConfigError("checkpoint.best.metric", best.metric, "needs checkpoint.enabled=true")
 
 
 def micro_batch_size(cfg: RunConfig, world_size: int) -> int:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_train.config import RunConfig, call_target
+from dist_train.config import RunConfig, call_target, resolve_target
 from dist_train.data import DataSpec
 from dist_train.env import DistEnv
 from dist_train.models.protocol import logits_of
@@ -83,6 +83,20 @@ class ClassificationMetrics:
             "recall": recall[present].mean().item(),
             "f1": f1[present].mean().item(),
         }
+
+
+def known_metric_names(cfg: RunConfig, spec: DataSpec) -> list[str] | None:
+    """The `val/...` names an evaluation of this run reports, known before it runs; None when
+    a user metric does not declare its names (a `names` attribute)."""
+    names = ["loss", "perplexity"] if spec.task == "lm" else ["loss"]
+    if spec.task == "classification":
+        names += ["accuracy", "precision", "recall", "f1"]
+    for target in cfg.train.metrics:
+        declared = getattr(resolve_target(target, "train.metrics"), "names", None)
+        if declared is None:
+            return None
+        names += list(declared)
+    return [f"val/{n}" for n in names]
 
 
 def build_metrics(cfg: RunConfig, spec: DataSpec) -> list[Metric]:

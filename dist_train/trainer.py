@@ -31,6 +31,7 @@ from dist_train.nonfinite import (
 from dist_train.optim import clip_and_measure, lr_at, set_lr
 from dist_train.parallel import grad_sync, unwrap
 from dist_train.precision import Precision
+from dist_train.selection import BEST, EARLY, build_watches, early_stop_line
 from dist_train.signals import Preempted, StopRequest
 from dist_train.watch import Progress
 
@@ -79,6 +80,7 @@ class Trainer:
         self.state, self.logger, self.stop, self.progress = state, logger, stop, progress
         self.loss_fn = build_loss(data.spec)
         self.metrics = build_metrics(cfg, data.spec)
+        self.watches = build_watches(cfg, state.watches)
         self.accum = accumulation_steps(cfg, env.world_size)
         self.micro_batch_size = micro_batch_size(cfg, env.world_size)
         batch, seed = cfg.train.global_batch_size, cfg.train.seed
@@ -234,23 +236,38 @@ class Trainer:
             self.logger.print(warning)
         self._warned_scale = self._warned_scale or warning is not None
 
-    def maybe_evaluate(self, result: FitResult) -> None:
+    def maybe_evaluate(self, result: FitResult) -> dict[str, float] | None:
         every, step = self.cfg.train.eval_every, self.state.step
-        if step == self.cfg.train.max_steps or (every > 0 and step % every == 0):
-            values = self.evaluate()
-            if values is not None:
-                result.val_losses[step] = values["val/loss"]
-                result.val_metrics[step] = values
-                self.logger.log({"step": step, **values})
+        if step != self.cfg.train.max_steps and not (every > 0 and step % every == 0):
+            return None
+        values = self.evaluate()
+        if values is not None:
+            result.val_losses[step] = values["val/loss"]
+            result.val_metrics[step] = values
+            self.logger.log({"step": step, **values})
+        return values
 
-    def maybe_checkpoint(self) -> None:
-        """Periodic saves (async if configured) and the final one, always synchronous."""
+    def _watch(self, values: dict[str, float]) -> bool:
+        """Best checkpoint and early stopping; True when this evaluation is a new best to keep.
+        Every rank has the same values (one all-reduce), so all decide alike."""
+        step, watches = self.state.step, self.watches
+        new_best = BEST in watches and watches[BEST].update(values, step)
+        if EARLY in watches:
+            watches[EARLY].update(values, step)
+            patience = self.cfg.train.early_stopping.patience
+            out_of_patience = watches[EARLY].state["evals_since"] >= patience
+            self.state.stopped_early = out_of_patience and step < self.cfg.train.max_steps
+        return new_best
+
+    def maybe_checkpoint(self, now: bool = False) -> None:
+        """Periodic saves (async if configured), `now` (a new best), and the last one (the end
+        of the run or an early stop), always synchronous."""
         ckpt, step = self.cfg.checkpoint, self.state.step
         self.checkpointer.poll()
         if not ckpt.enabled:
             return
-        final = step == self.cfg.train.max_steps
-        if final or (ckpt.every_steps and step % ckpt.every_steps == 0):
+        final = step == self.cfg.train.max_steps or self.state.stopped_early
+        if final or now or (ckpt.every_steps and step % ckpt.every_steps == 0):
             self._save(blocking=final)
 
     def _save(self, blocking: bool) -> None:
@@ -278,6 +295,12 @@ class Trainer:
 
     def fit(self) -> FitResult:
         result = FitResult()
+        if self.state.stopped_early:
+            self.logger.print(
+                f"done already: {self.cfg.train.run_dir} stopped early at step "
+                f"{self.state.step} (train.early_stopping); start over with train.overwrite=true"
+            )
+            return result
         if self.state.step >= self.cfg.train.max_steps:
             self.logger.print(
                 f"done already: {self.cfg.train.run_dir} holds a checkpoint at step "
@@ -297,10 +320,17 @@ class Trainer:
             if self.maybe_log(norm, interval, result, start):
                 interval = (self.state.step, time.perf_counter())
             self.logger.bar(self.state.step, result.losses.get(max(result.losses, default=-1)))
-            self.maybe_checkpoint()  # before evaluation: work is safe as early as possible
             if self.stopping and self.state.step < self.cfg.train.max_steps:
                 raise self._preempted()
-            self.maybe_evaluate(result)
+            # Evaluate before saving: the checkpoint then holds what this evaluation decided
+            # (best so far, early stopping), and a resume decides as an uninterrupted run.
+            values = self.maybe_evaluate(result)
+            self.maybe_checkpoint(now=values is not None and self._watch(values))
+            if self.state.stopped_early:
+                watch = self.watches[EARLY]
+                patience = self.cfg.train.early_stopping.patience
+                self.logger.print(early_stop_line(watch, patience, self.state.step))
+                break
         result.sample = self.maybe_sample()
         last = result.losses.get(self.state.step)
         val = result.val_losses.get(self.state.step)

@@ -183,6 +183,8 @@ class SampleCounter:
     """A user metric (`train.metrics`): how many samples, and the sums of their ids and squared
     ids (each sample counted once gives n, n(n-1)/2 and (n-1)n(2n-1)/6)."""
 
+    names = ("count", "id_sum", "id_squares")  # declared: a watch on one is checked up front
+
     def update(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ids = target.flatten().double()
         return torch.stack(

@@ -7,12 +7,13 @@ Every rank writes its own shards into `checkpoints/.tmp_step_N/`; once all shard
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from dist_train.checkpoint.files import (
     corrupted,
     fsync_dir,
     manifest_for,
+    point_best,
     read_manifest,
     read_tensor_metadata,
     single_process_quiet,
@@ -53,6 +55,7 @@ from dist_train.env import DistEnv
 from dist_train.errors import ConfigError, DistTrainError, first_line
 from dist_train.parallel import unwrap
 from dist_train.precision import Precision
+from dist_train.selection import BEST
 
 
 @dataclass
@@ -61,6 +64,12 @@ class TrainState:
 
     step: int = 0  # completed optimizer steps
     samples_seen: int = 0
+    # Watched evaluation metrics (selection.py): best value, its step, evaluations since.
+    watches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stopped_early: bool = False
+
+    def for_manifest(self) -> dict[str, Any]:
+        return {"watches": self.watches, "stopped_early": self.stopped_early}
 
 
 class Checkpointer:
@@ -161,7 +170,7 @@ class Checkpointer:
                     async_stager=self._stager,
                     **self._dcp_kwargs(background=True),
                 )
-            self._pending = (future, TrainState(state.step, state.samples_seen), tmp)  # type: ignore[assignment]
+            self._pending = (future, copy.deepcopy(state), tmp)  # type: ignore[assignment]
 
     def poll(self) -> None:
         """Commit a finished background save; costs nothing while it is still running."""
@@ -215,6 +224,7 @@ class Checkpointer:
         manifest = manifest_for(
             self.cfg, self.env, saved.step, saved.samples_seen, tmp, digests, self.tied
         )
+        manifest["trainer"] = saved.for_manifest()
         path = tmp / MANIFEST
         path.write_text(json.dumps(manifest, indent=1))
         with open(path, "rb") as f:
@@ -227,9 +237,17 @@ class Checkpointer:
         # Retention looks only below the step just committed: a folder with a higher number is
         # not this lineage's past (with one owner per run directory there is none) and a
         # newer-looking leftover must never push out the checkpoint that was just written.
-        older = [p for p in complete_checkpoints(self.root) if step_of(p) < saved.step]
+        # The best checkpoint (checkpoint.best) is kept apart: never counted, never removed.
+        best = saved.watches.get(BEST, {}).get("step")
+        older = [
+            p
+            for p in complete_checkpoints(self.root)
+            if step_of(p) < saved.step and step_of(p) != best
+        ]
         for old in older[: max(0, len(older) - (self.cfg.checkpoint.keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
+        if best is not None:
+            point_best(self.root, best)
 
     def load(self, path: Path, state: TrainState) -> None:
         """Restore everything from a complete checkpoint, checked before any collective."""
@@ -257,6 +275,9 @@ class Checkpointer:
             set_optimizer_state_dict(self.model, self.optimizer, current["optim"])
         self.precision.load_state_dict(current.get("precision", {}))
         state.step, state.samples_seen = manifest["step"], manifest["samples_seen"]
+        trainer = manifest.get("trainer", {})  # absent in checkpoints of earlier versions
+        state.watches = trainer.get("watches", {})
+        state.stopped_early = trainer.get("stopped_early", False)
         # RNG streams are per rank; with another world size they cannot map one to one (the data
         # order does not depend on them: the sampler is a pure function of seed and step).
         if manifest["world_size"] == self.env.world_size:

@@ -88,6 +88,8 @@ def find_checkpoint(value: str, key: str) -> Path:
     path = Path(value)
     if not path.exists():
         raise ConfigError(key, value, "no such checkpoint or run directory")
+    if path.is_symlink():  # checkpoints/best
+        path = path.resolve()
     if is_complete(path):
         return path
     found = complete_checkpoints(path / "checkpoints") or complete_checkpoints(path)
@@ -157,6 +159,18 @@ def manifest_for(
         "files": files,
         "checksums": checksums,  # XXH3-64 per file (integrity.collect_digests)
     }
+
+
+def point_best(root: Path, step: int) -> None:
+    """`checkpoints/best`, a relative symlink to the best checkpoint's folder, replaced
+    atomically (a path for `resume`, `export` and `sample`)."""
+    target, link = f"step_{step:07d}", root / "best"
+    if link.is_symlink() and os.readlink(link) == target:
+        return
+    tmp = root / ".best.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
