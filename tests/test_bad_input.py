@@ -16,7 +16,7 @@ import torch
 from conftest import GPT_SHAPE, TINY_RUN, cli, mount_tmpfs
 
 Setup = Callable[[Path], list[str]]
-TINY = [*TINY_RUN, *GPT_SHAPE, "model.block_size=32", "train.max_steps=2"]
+TINY = [*TINY_RUN, "model.block_size=32", "train.max_steps=2"]
 
 
 def _none(_: Path) -> list[str]:
@@ -143,9 +143,13 @@ def command(tmp_path: Path, extra: list[str], args: list[str], nproc: str) -> li
         words.append(f"train.run_dir={tmp_path}/run")
     if "--nproc" not in words:
         words += ["--nproc", nproc]
-    # only the text source has a corpus to cap (the tokens cases select another source)
-    corpus = [] if any(w.startswith("data.name=") for w in words) else ["data.max_chars=50000"]
-    return ["train", config, *TINY, *corpus, *words]
+    # The tiny GPT's size and the corpus cap only where a case keeps gpt and text data: another
+    # model or data source has no such keys.
+    if not any(w.startswith(("model.name=", "model._target_=")) for w in words):
+        words = [*GPT_SHAPE, *words]
+    if not any(w.startswith(("data.name=", "data._target_=")) for w in words):
+        words = ["data.max_chars=50000", *words]
+    return ["train", config, *TINY, *words]
 
 
 @pytest.mark.slow
