@@ -25,6 +25,7 @@ from dist_train.parallel import wrap_model
 from dist_train.precision import Precision
 from dist_train.selection import check_watched
 from dist_train.signals import StopRequest
+from dist_train.trackers import build_trackers
 from dist_train.trainer import Trainer
 from dist_train.watch import Progress
 
@@ -117,7 +118,15 @@ def build_trainer(
         save_config(cfg, run_dir / "config.yaml")
         # One lineage: records past the resumed step belong to the attempt that was cut short.
         moved = trim_metrics(run_dir, state.step)
-    logger = MetricsLogger(run_dir if env.is_main else None, cfg.log, cfg.train.max_steps)
+    # Rank 0 only, and not for a run that is done already (nothing to track).
+    trackers = (
+        build_trackers(cfg, run_dir, state.step if resume_from is not None else None)
+        if env.is_main and state.step < cfg.train.max_steps
+        else []
+    )
+    logger = MetricsLogger(
+        run_dir if env.is_main else None, cfg.log, cfg.train.max_steps, trackers=trackers
+    )
     if env.is_main and moved:
         logger.print(
             f"metrics.jsonl: moved {moved} record(s) after step {state.step} (from the "

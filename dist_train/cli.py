@@ -1,4 +1,4 @@
-"""The `dist-train` command: train, check, export, prepare, bench.
+"""The `dist-train` command: train, check, export, prepare, sample, bench.
 
 User errors print as one line on stderr and exit with status 2, before any worker starts
 whenever they can be found in the parent. Sub-commands import what they need when they run, so
@@ -21,6 +21,7 @@ from dist_train.bench import add_bench_parser
 from dist_train.errors import DistTrainError, PeerError
 from dist_train.prepare_cli import add_prepare_parser
 from dist_train.rundir import OWNER_ENV, RunLock, owned_run_dir, prepare
+from dist_train.sample_cli import add_sample_parser
 from dist_train.signals import (
     EXIT_PREEMPTED,
     EXIT_UNSAVED,
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=cmd_export, overrides=[])
     add_prepare_parser(sub)
+    add_sample_parser(sub)
     add_bench_parser(sub)
     return parser
 

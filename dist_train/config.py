@@ -24,11 +24,9 @@ from dist_train.sections import (
     check_fields,
     get_key,
 )
-
-# User code by import path lives in targets.py; imported from here too, where the rest of the
-# code has always found it.
-from dist_train.targets import call_target as call_target
+from dist_train.targets import call_target as call_target  # re-exported: moved to targets.py
 from dist_train.targets import resolve_target as resolve_target
+from dist_train.trackers import validate_trackers
 from dist_train.yaml_io import (
     ALIASES,
     aliased,
@@ -148,10 +146,18 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     every_steps: int = 10  # steps between metric lines (loss is averaged over the interval)
-    progress: str = "auto"  # auto (bar on a TTY only) | always | never
+    progress: str = "auto"  # auto (bar on a TTY only) | always | never; the bar needs tqdm
     # Peak dense TFLOP/s of one device at the run's precision, for the `mfu` metric
     # (0: known GPUs are looked up, otherwise no mfu is reported).
     peak_tflops: float = 0.0
+    # Where metrics go, on rank 0: jsonl (RUN_DIR/metrics.jsonl, written whether listed or
+    # not) | console (one line per record) | tensorboard | wandb | mlflow (each an extra:
+    # pip install 'dist-train[tensorboard]'); see dist_train/trackers/.
+    backends: list[str] = field(default_factory=lambda: ["jsonl", "console"])
+    project: str = "dist_train"  # the W&B project and the MLflow experiment
+    wandb_mode: str = "offline"  # offline (files in RUN_DIR/wandb; `wandb sync` uploads) | online
+    wandb_entity: str = ""  # W&B team or user ("": your default entity)
+    mlflow_uri: str = ""  # MLflow tracking URI ("": sqlite:///RUN_DIR/mlflow.db)
 
 
 @dataclass
@@ -250,6 +256,7 @@ def validate(cfg: RunConfig) -> None:
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas", cfg.optim.betas, "expected two numbers")
+    validate_trackers(cfg.log)
     for metric in cfg.train.metrics:
         resolve_target(metric, "train.metrics")
     _validate_selection(cfg)

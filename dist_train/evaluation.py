@@ -17,11 +17,14 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from dist_train.config import RunConfig, call_target, resolve_target
 from dist_train.data import DataSpec
 from dist_train.env import DistEnv
+from dist_train.loader import BatchLoader
 from dist_train.models.protocol import logits_of
+from dist_train.precision import Precision
 
 
 class Metric(Protocol):
@@ -141,3 +144,32 @@ def _rows(output: Any, n: int) -> Any:
     """The first n rows of a model output (a tensor, or an object/dict holding `logits`)."""
     logits = logits_of(output)
     return logits[:n]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: BatchLoader,
+    metrics: list[Metric],
+    cfg: RunConfig,
+    precision: Precision,
+    env: DistEnv,
+) -> dict[str, float] | None:
+    """The metrics over every validation sample once, or over `eval_batches` seeded global
+    batches (`train.eval_mode`), split across ranks like training batches, reduced as sums."""
+    t = cfg.train
+    small = len(batches.dataset) <= t.eval_batches * t.global_batch_size
+    if t.eval_mode == "full" or (t.eval_mode == "auto" and small):
+        stream = batches.every_sample_once()
+    elif t.eval_batches > 0:
+        stream = batches.iterate(0, t.eval_batches)
+    else:
+        return None
+    model.eval()
+    sums = MetricSums(metrics)
+    for _, _, x, y, real in stream:
+        with precision.autocast():
+            output = model(x)
+        sums.add(output, y, real)
+    model.train()
+    return sums.reduce(env)

@@ -1,19 +1,22 @@
-"""Rank-0 metrics: `metrics.jsonl`, one console line per log step, a progress bar on a TTY."""
+"""Rank-0 metrics: each record to `metrics.jsonl`, the console and the configured trackers;
+throughput and MFU helpers."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
-import time
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
 from dist_train.config import LogConfig
+from dist_train.console import Console
 from dist_train.errors import DistTrainError
+from dist_train.trackers import Backend, Tracker
 
 METRICS = "metrics.jsonl"
 DISCARDED = "metrics.discarded.jsonl"  # records of attempts that a resume rolled back
@@ -64,8 +67,29 @@ def trim_metrics(run_dir: Path, step: int) -> int:
     return len(drop)
 
 
+class JsonlFile:
+    """The `jsonl` backend, always on: metrics.jsonl, one whole line per record."""
+
+    def __init__(self, path: Path) -> None:
+        """Appends (a resumed run's file is first trimmed to its step by `trim_metrics`)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def log(self, record: dict[str, Any]) -> None:
+        assert self.fd is not None, "logged after close"
+        append_line(self.fd, json.dumps(strict_record(record), allow_nan=False) + "\n", self.path)
+
+    def close(self, finished: bool) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class MetricsLogger:
-    """Writes only on the main rank; other ranks get a logger that does nothing."""
+    """Hands each record to every backend: metrics.jsonl first (the source of truth), the
+    console, then the trackers. Only the main rank writes; other ranks get one that does
+    nothing (`run_dir` None)."""
 
     def __init__(
         self,
@@ -73,58 +97,36 @@ class MetricsLogger:
         cfg: LogConfig,
         max_steps: int,
         stream: TextIO | None = None,
+        trackers: Sequence[Tracker] = (),
     ) -> None:
-        """Appends to RUN_DIR/metrics.jsonl (trimmed to the resumed step by `trim_metrics`)."""
-        self.enabled = run_dir is not None
-        # sys.stdout as it is now (not at import): redirections and test captures see it
-        self.stream, self.max_steps = stream or sys.stdout, max_steps
-        self.fd: int | None = None
-        self.path = run_dir / METRICS if run_dir is not None else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        tty = hasattr(stream, "isatty") and stream.isatty()
-        self.progress = self.enabled and (
-            cfg.progress == "always" or (cfg.progress == "auto" and tty)
+        enabled = run_dir is not None
+        self.max_steps, self.last_step = max_steps, 0
+        lines = "console" in cfg.backends
+        self.console = Console(stream, cfg.progress, max_steps, enabled, lines)
+        self.backends: list[Backend] = (
+            [JsonlFile(run_dir / METRICS), self.console, *trackers] if run_dir is not None else []
         )
-        self._last_bar = 0.0
-        self._bar_shown = False
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.fd is None or self.path is None:
-            return
-        append_line(self.fd, json.dumps(strict_record(record), allow_nan=False) + "\n", self.path)
-        self.print(" ".join(_fmt(k, v) for k, v in record.items()))
+        self.last_step = max(self.last_step, record["step"])
+        for backend in self.backends:
+            backend.log(record)
 
     def print(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self._bar_shown:  # finish the bar's line before printing below it
-            self.stream.write("\n")
-            self._bar_shown = False
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        """A message, not a metric: on the console of the main rank whatever the backends."""
+        self.console.print(text)
 
-    def bar(self, step: int, loss: float | None) -> None:
-        """Redraw at most ten times a second so the bar costs nothing per step."""
-        if not self.progress:
-            return
-        now = time.monotonic()
-        if now - self._last_bar < 0.1 and step < self.max_steps:
-            return
-        self._last_bar = now
-        filled = int(30 * step / self.max_steps)
-        tail = f" loss {loss:.4f}" if loss is not None else ""
-        self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {step}/{self.max_steps}{tail}")
-        self.stream.flush()
-        self._bar_shown = True
+    def bar(self, step: int) -> None:
+        self.console.bar(step)
 
-    def close(self) -> None:
-        if self._bar_shown:
-            self.stream.write("\n")
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+    def close(self, finished: bool | None = None) -> None:
+        """Closes every backend, also when one of them fails (that error is raised after)."""
+        if finished is None:  # an early stop says so: it ends before max_steps, finished
+            finished = self.last_step >= self.max_steps
+        backends, self.backends = self.backends, []
+        with ExitStack() as stack:
+            for backend in reversed(backends):  # the stack closes them in reverse: in order
+                stack.callback(backend.close, finished)
 
 
 # Dense bf16/fp16 tensor-core peaks (no sparsity), TFLOP/s per device, by name fragment.
@@ -156,7 +158,11 @@ def mfu(tokens_per_sec: float, flops_per_token: float, peak: float, world_size: 
     return tokens_per_sec * flops_per_token / (peak * world_size)
 
 
-def _fmt(key: str, value: Any) -> str:
-    if isinstance(value, float):
-        return f"{key} {value:.4g}" if abs(value) < 1e5 else f"{key} {value:.0f}"
-    return f"{key} {value}"
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """`peak_mem_gb`: the CUDA allocator's peak since the last log step (then reset); a host
+    query of the allocator's counters, no device sync. Nothing on devices without one."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 1e9
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"peak_mem_gb": peak}

@@ -48,17 +48,39 @@ class MetricWatch:
         return f"{self.metric} {self.state['value']:.6g} at step {self.state['step']}"
 
 
-def build_watches(cfg: RunConfig, watches: dict[str, dict[str, Any]]) -> dict[str, MetricWatch]:
-    out = {}
-    best, stop = cfg.checkpoint.best, cfg.train.early_stopping
-    if best.metric:
-        state = watches.setdefault(BEST, {})
-        out[BEST] = MetricWatch("checkpoint.best.metric", best.metric, best.mode, 0.0, state)
-    if stop.metric:
-        state = watches.setdefault(EARLY, {})
-        key = "train.early_stopping.metric"
-        out[EARLY] = MetricWatch(key, stop.metric, stop.mode, stop.min_delta, state)
-    return out
+class Watches:
+    """The run's watched metrics: `update` after each evaluation says whether it is a new best
+    to save, and sets `state.stopped_early` once early stopping's patience runs out."""
+
+    def __init__(self, cfg: RunConfig, watches: dict[str, dict[str, Any]]) -> None:
+        self.cfg, self.each = cfg, {}
+        best, stop = cfg.checkpoint.best, cfg.train.early_stopping
+        if best.metric:
+            state = watches.setdefault(BEST, {})
+            key = "checkpoint.best.metric"
+            self.each[BEST] = MetricWatch(key, best.metric, best.mode, 0.0, state)
+        if stop.metric:
+            state = watches.setdefault(EARLY, {})
+            key = "train.early_stopping.metric"
+            self.each[EARLY] = MetricWatch(key, stop.metric, stop.mode, stop.min_delta, state)
+
+    def update(self, values: dict[str, float], state: Any) -> bool:
+        """`state`: the TrainState (its step; its stopped_early is set here)."""
+        new_best = BEST in self.each and self.each[BEST].update(values, state.step)
+        if EARLY in self.each:
+            self.each[EARLY].update(values, state.step)
+            patience = self.cfg.train.early_stopping.patience
+            out_of_patience = self.each[EARLY].state["evals_since"] >= patience
+            state.stopped_early = out_of_patience and state.step < self.cfg.train.max_steps
+        return new_best
+
+    def early_stop_line(self, step: int) -> str:
+        watch = self.each[EARLY]
+        return (
+            f"early stopping at step {step}: {watch.metric} did not improve by more than "
+            f"{watch.min_delta:g} in {self.cfg.train.early_stopping.patience} evaluation(s); "
+            f"best {watch.describe()}"
+        )
 
 
 def check_watched(cfg: RunConfig, has_val: bool, names: list[str] | None) -> None:
@@ -74,10 +96,3 @@ def check_watched(cfg: RunConfig, has_val: bool, names: list[str] | None) -> Non
             raise ConfigError(
                 key, metric, f"not a metric of this run's evaluation ({', '.join(names)})"
             )
-
-
-def early_stop_line(watch: MetricWatch, patience: int, step: int) -> str:
-    return (
-        f"early stopping at step {step}: {watch.metric} did not improve by more than "
-        f"{watch.min_delta:g} in {patience} evaluation(s); best {watch.describe()}"
-    )

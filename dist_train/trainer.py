@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +18,10 @@ from dist_train.config import RunConfig, accumulation_steps, micro_batch_size
 from dist_train.data import Data, DataSpec
 from dist_train.env import DistEnv, all_reduce_mean
 from dist_train.errors import NonFiniteError
-from dist_train.evaluation import MetricSums, build_metrics
-from dist_train.loader import Batch, BatchLoader
-from dist_train.metrics import MetricsLogger, mfu, peak_flops
-from dist_train.models.protocol import logits_of, sampler
+from dist_train.evaluation import build_metrics, evaluate
+from dist_train.loader import BatchLoader
+from dist_train.metrics import MetricsLogger, mfu, peak_flops, peak_memory
+from dist_train.models.protocol import logits_of
 from dist_train.nonfinite import (
     check_finite_before_save,
     check_logged_loss,
@@ -31,7 +31,8 @@ from dist_train.nonfinite import (
 from dist_train.optim import clip_and_measure, lr_at, set_lr
 from dist_train.parallel import grad_sync, unwrap
 from dist_train.precision import Precision
-from dist_train.selection import BEST, EARLY, build_watches, early_stop_line
+from dist_train.sampling import end_of_run_sample
+from dist_train.selection import Watches
 from dist_train.signals import Preempted, StopRequest
 from dist_train.watch import Progress
 
@@ -80,7 +81,7 @@ class Trainer:
         self.state, self.logger, self.stop, self.progress = state, logger, stop, progress
         self.loss_fn = build_loss(data.spec)
         self.metrics = build_metrics(cfg, data.spec)
-        self.watches = build_watches(cfg, state.watches)
+        self.watches = Watches(cfg, state.watches)
         self.accum = accumulation_steps(cfg, env.world_size)
         self.micro_batch_size = micro_batch_size(cfg, env.world_size)
         batch, seed = cfg.train.global_batch_size, cfg.train.seed
@@ -96,6 +97,7 @@ class Trainer:
         self._mfu_inputs = (flops_per_token, peak) if flops_per_token and peak else None
         # Loss summed on the device between log steps: no host sync on steps that do not log.
         self._interval_loss = torch.zeros((), device=env.device)
+        self._interval_wait = 0.0  # seconds the step waited for its batches (host clock)
         # on_nonfinite=skip: updates dropped (in total, in a row, in this log interval).
         self.skip_nonfinite = cfg.train.on_nonfinite == "skip"
         self.nonfinite_skips, self._skips_in_a_row, self._interval_skips = 0, 0, 0
@@ -108,7 +110,9 @@ class Trainer:
         before = self._interval_loss.clone() if self.skip_nonfinite else None
         for i in range(self.accum):
             self.progress.enter("data", step, i)
+            waiting_since = time.perf_counter()
             x, y = self.train_batches.get(step, i)
+            self._interval_wait += time.perf_counter() - waiting_since
             self.progress.enter("forward/backward", step, i)
             with grad_sync(self.model, enabled=i == self.accum - 1):
                 with self.precision.autocast():
@@ -152,33 +156,14 @@ class Trainer:
             )
         return True
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
-        """Validation metrics (`val/loss`, ...; see evaluation.py) over every validation sample
-        once, or over `eval_batches` seeded global batches (`train.eval_mode`), split across
-        ranks like training batches and reduced as sums."""
-        batches = self._eval_pass()
-        if batches is None:
+        """Validation metrics (`val/loss`, ...): see evaluation.py."""
+        if self.val_batches is None:
             return None
-        model = unwrap(self.model)
-        model.eval()
         self.progress.enter("evaluation", self.state.step - 1)
-        sums = MetricSums(self.metrics)
-        for _, _, x, y, real in batches:
-            with self.precision.autocast():
-                output = model(x)
-            sums.add(output, y, real)
-        model.train()
-        return sums.reduce(self.env)
-
-    def _eval_pass(self) -> Iterator[Batch] | None:
-        t, val = self.cfg.train, self.val_batches
-        if val is None:
-            return None
-        small = len(val.dataset) <= t.eval_batches * t.global_batch_size
-        if t.eval_mode == "full" or (t.eval_mode == "auto" and small):
-            return val.every_sample_once()
-        return val.iterate(0, t.eval_batches) if t.eval_batches > 0 else None
+        return evaluate(
+            unwrap(self.model), self.val_batches, self.metrics, self.cfg, self.precision, self.env
+        )
 
     def maybe_log(
         self,
@@ -195,16 +180,17 @@ class Trainer:
             return False
         self.progress.enter("log", step - 1)
         applied = step - last_step - self._interval_skips  # on_nonfinite=skip drops some
-        asked = torch.full((), 1.0 if self.stop.signum else 0.0, device=self.env.device)
-        total, anyone = all_reduce_mean(
-            torch.stack([self._interval_loss, asked]), self.env
+        flags = [1.0 if self.stop.signum else 0.0, self._interval_wait]
+        side = torch.tensor(flags, device=self.env.device)
+        total, anyone, wait = all_reduce_mean(
+            torch.cat([self._interval_loss.view(1), side]), self.env
         ).tolist()
         self.stopping = anyone > 0
         loss = total / applied if applied else None  # None: every update was skipped
         self._interval_loss.zero_()
-        self._interval_skips = 0
-        now = time.perf_counter()
-        samples_per_sec = (step - last_step) * self.cfg.train.global_batch_size / (now - last_time)
+        self._interval_skips, self._interval_wait = 0, 0.0
+        now, steps = time.perf_counter(), step - last_step
+        samples_per_sec = steps * self.cfg.train.global_batch_size / (now - last_time)
         record = {
             "step": step,
             "loss": loss,
@@ -217,7 +203,10 @@ class Trainer:
                 else None
             ),
             "elapsed_sec": now - start,
+            "step_sec": (now - last_time) / steps,
+            "data_wait_sec": wait / steps,  # of step_sec, mean over ranks: loading not hidden
             **self.precision.log_fields(),
+            **peak_memory(self.env.device),
         }
         if self._mfu_inputs and record["tokens_per_sec"]:
             record["mfu"] = mfu(record["tokens_per_sec"], *self._mfu_inputs, self.env.world_size)
@@ -246,18 +235,6 @@ class Trainer:
             result.val_metrics[step] = values
             self.logger.log({"step": step, **values})
         return values
-
-    def _watch(self, values: dict[str, float]) -> bool:
-        """Best checkpoint and early stopping; True when this evaluation is a new best to keep.
-        Every rank has the same values (one all-reduce), so all decide alike."""
-        step, watches = self.state.step, self.watches
-        new_best = BEST in watches and watches[BEST].update(values, step)
-        if EARLY in watches:
-            watches[EARLY].update(values, step)
-            patience = self.cfg.train.early_stopping.patience
-            out_of_patience = watches[EARLY].state["evals_since"] >= patience
-            self.state.stopped_early = out_of_patience and step < self.cfg.train.max_steps
-        return new_best
 
     def maybe_checkpoint(self, now: bool = False) -> None:
         """Periodic saves (async if configured), `now` (a new best), and the last one (the end
@@ -319,19 +296,20 @@ class Trainer:
             self.state.samples_seen += self.cfg.train.global_batch_size
             if self.maybe_log(norm, interval, result, start):
                 interval = (self.state.step, time.perf_counter())
-            self.logger.bar(self.state.step, result.losses.get(max(result.losses, default=-1)))
+            self.logger.bar(self.state.step)  # the bar shows the last logged loss
             if self.stopping and self.state.step < self.cfg.train.max_steps:
                 raise self._preempted()
             # Evaluate before saving: the checkpoint then holds what this evaluation decided
             # (best so far, early stopping), and a resume decides as an uninterrupted run.
             values = self.maybe_evaluate(result)
-            self.maybe_checkpoint(now=values is not None and self._watch(values))
+            new_best = values is not None and self.watches.update(values, self.state)
+            self.maybe_checkpoint(now=new_best)
             if self.state.stopped_early:
-                watch = self.watches[EARLY]
-                patience = self.cfg.train.early_stopping.patience
-                self.logger.print(early_stop_line(watch, patience, self.state.step))
+                self.logger.print(self.watches.early_stop_line(self.state.step))
                 break
-        result.sample = self.maybe_sample()
+        result.sample = end_of_run_sample(
+            self.cfg, unwrap(self.model), self.data.spec, self.env, self.precision, self.logger
+        )
         last = result.losses.get(self.state.step)
         val = result.val_losses.get(self.state.step)
         self.logger.print(
@@ -345,26 +323,10 @@ class Trainer:
     def close(self) -> None:
         """Release the DDP wrapper before the process group goes: destroying a gloo group while
         a DDP reducer still holds it aborts the process now and then (torch 2.13)."""
-        self.logger.close()
+        self.logger.close(finished=True if self.state.stopped_early else None)
         self.checkpointer.close()
         for batches in (self.train_batches, self.val_batches):
             if batches is not None:
                 batches.close()
         self.model = unwrap(self.model)
         gc.collect()  # DDP's hooks form reference cycles; free it now, not at exit
-
-    def maybe_sample(self) -> str | None:
-        """Every rank samples the same text (same seed): under FSDP2 each forward gathers
-        parameters collectively, so all ranks must take part. Only the main rank prints."""
-        spec, chars = self.data.spec, self.cfg.train.sample_chars
-        sample = sampler(unwrap(self.model))  # the model's own, a causal LM's, or none
-        if not (chars > 0 and spec.encode and spec.decode and sample is not None):
-            return None
-        prompt_ids = spec.encode(self.cfg.train.sample_prompt) or [0]
-        prompt = torch.tensor([prompt_ids], device=self.env.device)
-        g = torch.Generator(device=self.env.device).manual_seed(self.cfg.train.seed)
-        with self.precision.autocast():
-            out = sample(prompt, chars, g)
-        text = spec.decode(out[0].tolist())
-        self.logger.print(f"--- sample ({chars} characters) ---\n{text}\n---")
-        return text

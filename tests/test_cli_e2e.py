@@ -45,7 +45,7 @@ def assert_trained(proc: subprocess.CompletedProcess[str], run_dir: Path) -> lis
     ]
     assert [v["step"] for v in vals] == [20, 40]
     assert (run_dir / "config.yaml").is_file()
-    assert "--- sample (40 characters) ---" in proc.stdout and "done: 40 steps" in proc.stdout
+    assert "--- sample (40 tokens) ---" in proc.stdout and "done: 40 steps" in proc.stdout
     return records
 
 

@@ -3,6 +3,7 @@ processes, at any world size and from any resume point."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,18 @@ def test_no_worker_outlives_a_cli_run(tmp_path: Path) -> None:
     out = cli("train", "quickstart", *TINY_GPT, *args)
     assert out.returncode == 0, out.stderr
     assert not leftover_processes(str(run_dir))
+
+
+def test_log_records_say_how_long_steps_waited_for_data(tmp_path: Path) -> None:
+    """Samples that take at least 10 ms each, read on the training thread: a step of 16 waits
+    at least 0.16 s for its data, and never longer than the step itself."""
+    slow = ["data._target_=user_plugins.SlowLines", "model._target_=user_plugins.TinyRegressor"]
+    slow += ["model.kwargs.in_features=8", "train.global_batch_size=16", "train.max_steps=4"]
+    slow += ["log.every_steps=2", "train.device=cpu", "log.progress=never"]
+    slow += ["checkpoint.enabled=false", "train.eval_batches=0", f"train.run_dir={tmp_path}/r"]
+    train_in_process(slow)
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if "step_sec" in r]
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert 0.16 <= r["data_wait_sec"] <= r["step_sec"]

@@ -412,7 +412,7 @@ def test_cli_prepare_then_train_and_sample(tmp_path: Path) -> None:
         f"train.run_dir={tmp_path / 'run'}",
     )
     assert run.returncode == 0, run.stderr
-    sample = run.stdout.split("--- sample (20 characters) ---\n")[1].split("\n---")[0]
+    sample = run.stdout.split("--- sample (20 tokens) ---\n")[1].split("\n---")[0]
     assert sample.startswith("Doc") and len(sample) > len("Doc")  # decoded by tokenizer.json
     config = (tmp_path / "run/config.yaml").read_text()
     assert f"path: {out}" in config

@@ -172,7 +172,7 @@ def test_metrics_logger(tmp_path: Path) -> None:
     out = io.StringIO()
     logger = MetricsLogger(tmp_path, LogConfig(progress="never"), 10, stream=out)
     logger.log({"step": 1, "loss": 2.5})
-    logger.bar(1, 2.5)  # never: draws nothing
+    logger.bar(1)  # never: draws nothing
     logger.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": 2.5}
     assert out.getvalue() == "step 1 loss 2.5\n"
@@ -213,10 +213,11 @@ def test_progress_bar_only_on_a_tty(tmp_path: Path) -> None:
     tty, pipe = Tty(), io.StringIO()
     for stream in (tty, pipe):
         logger = MetricsLogger(tmp_path, LogConfig(progress="auto"), 10, stream=stream)
-        logger.bar(10, 1.5)
         logger.log({"step": 10, "loss": 1.5})
+        logger.bar(10)
         logger.close()
-    assert tty.getvalue().startswith("\r[") and "10/10 loss 1.5000" in tty.getvalue()
+    assert "\r100%|" in tty.getvalue() and "10/10 [" in tty.getvalue()  # tqdm's bar
+    assert "step 10 loss 1.5\n" in tty.getvalue()
     assert pipe.getvalue() == "step 10 loss 1.5\n"
 
 

@@ -194,3 +194,18 @@ class SampleCounter:
     def compute(self, sums: torch.Tensor) -> dict[str, float]:
         count, total, squares = sums.tolist()
         return {"count": count, "id_sum": total, "id_squares": squares}
+
+
+class SlowLines(LineDataset):
+    """Each item takes at least `seconds` to read (a slow disk): a lower bound a test can rely
+    on, whatever the machine's load."""
+
+    def __init__(self, split: str, seconds: float = 0.01, **kwargs: int) -> None:
+        super().__init__(split, **kwargs)
+        self.seconds = seconds
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import time
+
+        time.sleep(self.seconds)
+        return super().__getitem__(i)

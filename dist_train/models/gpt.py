@@ -86,10 +86,23 @@ class GPT(nn.Module):
         return list(self.blocks)
 
     def sample_tokens(
-        self, prompt: torch.Tensor, new_tokens: int, generator: torch.Generator | None = None
+        self,
+        prompt: torch.Tensor,
+        new_tokens: int,
+        generator: torch.Generator | None = None,
+        temperature: float = 0.8,
+        top_k: int | None = 20,
     ) -> torch.Tensor:
         """Top-k sampling over the last `block_size` tokens (see `protocol.generate`)."""
-        return generate(self, prompt, new_tokens, generator, context=self.block_size)
+        return generate(
+            self,
+            prompt,
+            new_tokens,
+            generator,
+            context=self.block_size,
+            temperature=temperature,
+            top_k=top_k,
+        )
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -45,7 +45,12 @@ class HasFlopsPerToken(Protocol):
 @runtime_checkable
 class CanSampleTokens(Protocol):
     def sample_tokens(
-        self, prompt: torch.Tensor, new_tokens: int, generator: torch.Generator | None = None
+        self,
+        prompt: torch.Tensor,
+        new_tokens: int,
+        generator: torch.Generator | None = None,
+        temperature: float = 0.8,
+        top_k: int | None = 20,
     ) -> torch.Tensor:
         """`prompt` (1, t) token ids -> (1, t + new_tokens); every rank calls it alike."""
         ...
