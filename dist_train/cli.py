@@ -1,4 +1,4 @@
-"""The `dist-train` command: train, check, export, prepare, sample, bench.
+"""The `dist-train` command: train, check, export, prepare, sample, bench, sweep, report.
 
 User errors print as one line on stderr and exit with status 2, before any worker starts
 whenever they can be found in the parent. Sub-commands import what they need when they run, so
@@ -30,6 +30,7 @@ from dist_train.signals import (
     StopRequest,
     Terminated,
 )
+from dist_train.sweep_cli import add_sweep_report_parsers
 from dist_train.versions import check_torch_version
 
 if TYPE_CHECKING:
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_parser(sub)
     add_sample_parser(sub)
     add_bench_parser(sub)
+    add_sweep_report_parsers(sub)
     return parser
 
 

@@ -40,8 +40,9 @@ def first_line(error: BaseException) -> str:
     return lines[-1].strip() if lines else type(error).__name__
 
 
-# Optional packages a `_target_` may name, and the extra of ours that installs them.
-EXTRAS = {"transformers": "hf"}
+# Optional packages (a `_target_` may name them, or a command needs them), and the extra of ours
+# that installs them.
+EXTRAS = {"transformers": "hf", "matplotlib": "report"}
 
 
 def install_hint(error: ImportError) -> str:

@@ -59,8 +59,9 @@ def _describe(holder: dict[str, Any]) -> str:
 class RunLock:
     """The lock file of one run directory, held from `acquire` to `release`."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, key: str = "train.run_dir") -> None:
         self.run_dir = run_dir
+        self.key = key  # the setting that named the directory, for error messages
         self.path = run_dir / LOCK
         self.created_dir = False
         self.held = False
@@ -76,7 +77,7 @@ class RunLock:
 
     def acquire(self, say: Callable[[str], None] = print) -> None:
         if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ConfigError("train.run_dir", str(self.run_dir), "is a file; expected a directory")
+            raise ConfigError(self.key, str(self.run_dir), "is a file; expected a directory")
         self.created_dir = not self.run_dir.exists()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -93,18 +94,18 @@ class RunLock:
             holder = self._holder()
             if holder is None or not self._stale(holder):
                 self.created_dir = False
-                raise ConfigError("train.run_dir", str(self.run_dir), self._busy(holder))
+                raise ConfigError(self.key, str(self.run_dir), self._busy(holder))
             say(
                 f"taking over the stale lock of {self.run_dir} ({_describe(holder)}: "
                 "no longer running)"
             )
             self.path.unlink(missing_ok=True)
             if not self._create(record):  # another run took it in between
-                raise ConfigError("train.run_dir", str(self.run_dir), self._busy(self._holder()))
+                raise ConfigError(self.key, str(self.run_dir), self._busy(self._holder()))
             self.held = True
         except OSError as e:
             raise ConfigError(
-                "train.run_dir", str(self.run_dir), f"cannot write there ({e.strerror or e})"
+                self.key, str(self.run_dir), f"cannot write there ({e.strerror or e})"
             ) from None
 
     def _holder(self) -> dict[str, Any] | None:
@@ -124,7 +125,7 @@ class RunLock:
         hint = (
             f"; if that run is gone, delete {self.path}"
             if remote
-            else "; wait for it to finish or use another train.run_dir"
+            else f"; wait for it to finish or use another {self.key}"
         )
         return f"in use by {who} ({holder.get('command', '') if holder else ''}){hint}"
 
@@ -186,9 +187,11 @@ def prepare(run_dir: Path, fresh: bool, overwrite: bool, say: Callable[[str], No
 
 
 @contextmanager
-def owned_run_dir(run_dir: Path, say: Callable[[str], None] = print) -> Iterator[RunLock]:
+def owned_run_dir(
+    run_dir: Path, say: Callable[[str], None] = print, key: str = "train.run_dir"
+) -> Iterator[RunLock]:
     """Hold the run directory's lock for the duration; released on every exit path."""
-    lock = RunLock(run_dir)
+    lock = RunLock(run_dir, key)
     lock.acquire(say)
     try:
         yield lock

@@ -229,3 +229,51 @@ def test_a_worker_killed_by_a_signal_is_named(tmp_path: Path) -> None:
     last = err.strip().splitlines()[-1]
     assert "was killed by SIGKILL" in last and last.startswith("error: worker rank"), err[-2000:]
     assert proc.returncode == 128 + signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_readme_end_to_end_bpe_two_workers_loading_workers_sample(tmp_path: Path) -> None:
+    """The README's three commands (Preparing data), on a small corpus and a tiny model."""
+    words = ["the king", "my lord", "good night", "sweet prince", "to be", "or not"]
+    lines = [f"{words[i % 6]} and {words[(i * 7) % 6]}, {i}." for i in range(3000)]
+    (tmp_path / "input.txt").write_text("\n".join(lines) + "\n")
+    data = tmp_path / "data"
+    prep = cli(
+        "prepare",
+        "input.txt",
+        "--out",
+        str(data),
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "300",
+        cwd=tmp_path,
+    )
+    assert prep.returncode == 0, prep.stderr
+    run_dir = tmp_path / "run"
+    tiny = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=16"]
+    train = cli(
+        "train",
+        "gpt_char",
+        "data.name=tokens",
+        f"data.path={data}",
+        "data.num_workers=2",
+        *tiny,
+        "train.max_steps=4",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=0",
+        "train.eval_every=2",
+        "train.sample_chars=8",
+        "log.progress=never",
+        f"train.run_dir={run_dir}",
+        "--nproc",
+        "2",
+        cwd=tmp_path,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "--- sample (8 tokens) ---" in train.stdout and "done: 4 steps" in train.stdout
+    sample = cli("sample", str(run_dir), "--prompt", "the king", "--tokens", "12", cwd=tmp_path)
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("the king")
+    assert sample.stderr.strip() == f"12 tokens from {run_dir}/checkpoints/step_0000004"
+    assert leftover_processes(str(run_dir)) == []
