@@ -1,21 +1,31 @@
 """Run configuration: structured dataclasses merged with YAML and `key=value` overrides.
 
-Order of precedence: dataclass defaults < YAML file < command-line overrides.
+Order of precedence: dataclass defaults < YAML file < command-line overrides. Fields marked
+`metadata=INVARIANT` define the model or the data stream: a resume may not change them.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dist_train.errors import ConfigError, install_hint
+from dist_train.errors import ConfigError
+from dist_train.section_layers import fit_layers
+from dist_train.sections import (
+    INVARIANT,
+    DataConfig,
+    GPTConfig,
+    ModelConfig,
+    TextDataConfig,
+    check_fields,
+    get_key,
+)
+from dist_train.targets import call_target as call_target  # re-exported: moved to targets.py
+from dist_train.targets import resolve_target as resolve_target
 from dist_train.trackers import validate_trackers
 from dist_train.yaml_io import (
     ALIASES,
@@ -27,61 +37,10 @@ from dist_train.yaml_io import (
     resolve_config_path,
 )
 
-MODEL_NAMES = ("gpt", "mlp", "cnn")
-DATA_NAMES = ("text", "tokens", "synthetic")
-
-
-@dataclass
-class ModelConfig:
-    name: str = "gpt"  # gpt | mlp | cnn; ignored when _target_ is set
-    _target_: Optional[str] = None  # "package.module.Class" of a user nn.Module
-    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for _target_
-    n_layer: int = 4  # gpt: transformer blocks
-    n_head: int = 4  # gpt: attention heads per block
-    n_embd: int = 128  # gpt: residual stream width
-    block_size: int = 64  # gpt: context length; also the length of training windows
-    dropout: float = 0.0
-    bias: bool = False  # gpt: biases in Linear and LayerNorm
-    hidden_dims: list[int] = field(default_factory=lambda: [128, 128])  # mlp
-    channels: list[int] = field(default_factory=lambda: [16, 32])  # cnn conv widths
-    init_from: Optional[str] = None  # weights to start from: a checkpoint dir or a .safetensors
-    freeze: list[str] = field(default_factory=list)  # parameter-name patterns (fnmatch) to freeze
-
-
-@dataclass
-class DataConfig:
-    name: str = "text"  # text | tokens | synthetic; ignored when _target_ is set
-    _target_: Optional[str] = None  # "package.module.Class" of a user dataset (see data.py)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for _target_
-    # Per split, over kwargs: set either and _target_ gets no split= (torchvision style:
-    # train_kwargs {train: true}, val_kwargs {train: false}; no val_kwargs: no validation).
-    train_kwargs: dict[str, Any] = field(default_factory=dict)
-    val_kwargs: dict[str, Any] = field(default_factory=dict)
-    path: Optional[str] = (
-        None  # text: UTF-8 file (default: Python's own stdlib source); tokens: dir
-    )
-    max_chars: int = 2_000_000  # text: cap on characters read from the default corpus (0 = all)
-    val_fraction: float = 0.1  # text/tokens: tail of the corpus; synthetic: random split by seed
-    vocab_size: int = 0  # tokens: 0 = meta.json's/meta.pkl's vocab_size, else max id + 1
-    task: str = "classification"  # synthetic: classification | regression
-    num_samples: int = 4096  # synthetic: total samples before the split
-    input_shape: list[int] = field(default_factory=lambda: [32])  # synthetic: e.g. [3, 16, 16]
-    num_classes: int = 10  # synthetic classification
-    # Background loading (torch DataLoader worker processes; 0: batches built on the training
-    # thread). The batches and their order are the same for any value.
-    num_workers: int = 0
-    prefetch_factor: int = 2  # batches each worker keeps ready
-    persistent_workers: bool = True  # keep workers between evaluations (not re-forked)
-    pin_memory: str = "auto"  # auto (on CUDA) | true | false
-    # "package.module.callable" applied to each sample of a map-style dataset (in the workers),
-    # and one that turns a list of samples into a batch (default: torch's default_collate).
-    transform: Optional[str] = None
-    collate: Optional[str] = None
-
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam | sgd
+    name: str = field(default="adamw", metadata=INVARIANT)  # adamw | adam | sgd
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.0  # adamw/sgd: applied to matrices only, never to biases and norms
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -110,9 +69,10 @@ class EarlyStoppingConfig:
 class TrainConfig:
     run_dir: str = "runs/default"  # config.yaml, metrics.jsonl, checkpoints
     max_steps: int = 100  # optimizer steps
-    global_batch_size: int = 32  # samples per optimizer step, summed over all workers
+    # Samples per optimizer step, summed over all workers.
+    global_batch_size: int = field(default=32, metadata=INVARIANT)
     micro_batch_size: int = 0  # samples per forward/backward on one worker (0: no accumulation)
-    seed: int = 1337
+    seed: int = field(default=1337, metadata=INVARIANT)
     device: str = "auto"  # auto | cpu | cuda
     eval_every: int = 0  # steps between evaluations (0: only at the end)
     eval_batches: int = 4  # sampled evaluation: seeded global batches of validation data
@@ -202,8 +162,9 @@ class LogConfig:
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    # The class of these two follows model.name / data.name (see sections.py).
+    model: ModelConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=TextDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -214,9 +175,6 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.name": MODEL_NAMES,
-    "data.name": DATA_NAMES,
-    "data.task": ("classification", "regression"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -237,51 +195,41 @@ POSITIVE = (
     "parallel.timeout_s",
     "optim.lr",
     "log.every_steps",
-    "model.n_layer",
-    "model.n_head",
-    "model.n_embd",
-    "model.block_size",
 )
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults < YAML < overrides, validated; raises ConfigError naming the key."""
-    merged = OmegaConf.structured(RunConfig)
+    schema = RunConfig()
     try:
+        file = OmegaConf.create()
         if path is not None:
             path = resolve_config_path(path)
-            node = read_yaml(path)
-            check_sections(node, RunConfig(), str(path))
-            merged = OmegaConf.merge(merged, aliased(node))
-        given = parse_overrides(overrides, RunConfig(), ALIASES)
-        check_sections(given, RunConfig(), "the overrides")
-        merged = OmegaConf.merge(merged, given)
+            file = aliased(read_yaml(path))
+            check_sections(file, schema, str(path))
+        # Read twice: first for the model and data they select, then with that selection's
+        # field types (a string setting keeps what the user typed, see yaml_io).
+        given = parse_overrides(overrides, schema, ALIASES)
+        check_sections(given, schema, "the overrides")
+        classes = fit_layers(schema, file, given)
+        model, data = classes["model"](), classes["data"]()
+        schema = RunConfig(model=model, data=data)  # type: ignore[arg-type]
+        given = parse_overrides(overrides, schema, ALIASES)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), file, given)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise as_config_error(e, overrides, RunConfig()) from None
+        raise as_config_error(e, overrides, schema) from None
     assert isinstance(cfg, RunConfig)
     validate(cfg)
     return cfg
 
 
-def get_key(cfg: RunConfig, dotted: str) -> Any:
-    obj: Any = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def validate(cfg: RunConfig) -> None:
-    """Checks that need no data, processes or world size."""
-    for key, choices in CHOICES.items():
-        if key.startswith(("model.", "data.")) and get_key(cfg, key.split(".")[0] + "._target_"):
-            continue
-        value = get_key(cfg, key)
-        if value not in choices:
-            raise ConfigError(key, value, f"expected one of {', '.join(choices)}")
-    for key in POSITIVE:
-        if get_key(cfg, key) <= 0:
-            raise ConfigError(key, get_key(cfg, key), "must be > 0")
+    """Checks that need no data, processes or world size; the model and data sections check
+    their own keys."""
+    check_fields(cfg, "", CHOICES, POSITIVE)
+    cfg.model.validate()
+    cfg.data.validate()
     if cfg.optim.decay_steps < 0:
         raise ConfigError("optim.decay_steps", cfg.optim.decay_steps, "must be >= 0 (0: max_steps)")
     if cfg.train.overwrite and cfg.resume not in ("auto", "none"):
@@ -297,15 +245,6 @@ def validate(cfg: RunConfig) -> None:
             cfg.train.micro_batch_size,
             "must be >= 0 (0: global_batch_size / world_size)",
         )
-    if cfg.model.n_embd % cfg.model.n_head:
-        raise ConfigError(
-            "model.n_embd",
-            cfg.model.n_embd,
-            f"must be divisible by model.n_head={cfg.model.n_head}",
-        )
-    _validate_loading(cfg.data)
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError("data.val_fraction", cfg.data.val_fraction, "expected 0 <= x < 1")
     if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
         key = "checkpoint.every_steps" if cfg.checkpoint.every_steps < 0 else "checkpoint.keep_last"
         raise ConfigError(key, get_key(cfg, key), "every_steps must be >= 0, keep_last >= 1")
@@ -318,10 +257,6 @@ def validate(cfg: RunConfig) -> None:
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas", cfg.optim.betas, "expected two numbers")
     validate_trackers(cfg.log)
-    for section in ("model", "data"):
-        target = get_key(cfg, f"{section}._target_")
-        if target:
-            resolve_target(target, f"{section}._target_")
     for metric in cfg.train.metrics:
         resolve_target(metric, "train.metrics")
     _validate_selection(cfg)
@@ -342,65 +277,6 @@ def _validate_selection(cfg: RunConfig) -> None:
         raise ConfigError("train.early_stopping.min_delta", stop.min_delta, "must be >= 0")
     if best.metric and not cfg.checkpoint.enabled:
         raise ConfigError("checkpoint.best.metric", best.metric, "needs checkpoint.enabled=true")
-
-
-def _validate_loading(d: DataConfig) -> None:
-    if d.num_workers < 0:
-        raise ConfigError(
-            "data.num_workers", d.num_workers, "must be >= 0 (0: no worker processes)"
-        )
-    if d.prefetch_factor < 1:
-        raise ConfigError("data.prefetch_factor", d.prefetch_factor, "must be >= 1")
-    d.pin_memory = str(d.pin_memory).lower()  # YAML's `true` arrives as "True"
-    if d.pin_memory not in ("auto", "true", "false"):
-        raise ConfigError("data.pin_memory", d.pin_memory, "expected one of auto, true, false")
-    for key in ("transform", "collate"):
-        if getattr(d, key) and not d._target_:
-            raise ConfigError(
-                f"data.{key}", getattr(d, key), "applies to a user dataset (data._target_)"
-            )
-        if getattr(d, key):
-            resolve_target(getattr(d, key), f"data.{key}")
-
-
-def resolve_target(target: str, key: str) -> Any:
-    """Import "package.module.Attr"; ConfigError when it cannot be found."""
-    module_name, _, attr = target.rpartition(".")
-    if not module_name:
-        raise ConfigError(key, target, "expected 'package.module.Class'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        reason = f"cannot import module '{module_name}': {e}{install_hint(e)}"
-        raise ConfigError(key, target, reason) from None
-    if not hasattr(module, attr):
-        raise ConfigError(key, target, f"module '{module_name}' has no attribute '{attr}'")
-    return getattr(module, attr)
-
-
-def call_target(target: str, key: str, kwargs_key: str, **kwargs: Any) -> Any:
-    """Build a user's `_target_` class. Arguments its signature does not take name
-    `kwargs_key`; whatever its constructor raises becomes one line naming `key`, the call and
-    the user's own message (their code, their input)."""
-    cls = resolve_target(target, key)
-    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    try:
-        inspect.signature(cls).bind(**kwargs)
-    except TypeError as e:
-        raise ConfigError(
-            kwargs_key,
-            target if kwargs_key == key else kwargs,
-            f"{target}({args}) does not fit its signature {inspect.signature(cls)}: {e}",
-        ) from None
-    except ValueError:  # no signature to inspect (a builtin): let the call decide
-        pass
-    try:
-        return cls(**kwargs)
-    except Exception as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ConfigError(
-            key, target, f"{cls.__name__}({args}) raised {type(e).__name__}: {detail}"
-        ) from None
 
 
 def micro_batch_size(cfg: RunConfig, world_size: int) -> int:

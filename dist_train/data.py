@@ -166,6 +166,25 @@ def default_corpus(max_chars: int) -> str:
     return corpus[:max_chars] if max_chars else corpus
 
 
+def block_size(cfg: RunConfig) -> int:
+    """Text and token data are cut into windows of the model's context length: the model
+    section's `block_size` (gpt's and a `_target_` model's; mlp and cnn have none)."""
+    block = getattr(cfg.model, "block_size", None)
+    if block is None:
+        model = (
+            f"model._target_={cfg.model._target_}"
+            if cfg.model._target_
+            else f"model.name={cfg.model.name}"
+        )
+        raise ConfigError(
+            "data.name",
+            cfg.data.name,
+            f"is cut into windows of model.block_size tokens, and {model} has no block_size "
+            "(token data trains model.name=gpt or a model._target_)",
+        )
+    return int(block)
+
+
 def _char_data(cfg: RunConfig) -> Data:
     if cfg.data.path:
         path = Path(cfg.data.path)
@@ -193,7 +212,7 @@ def _char_data(cfg: RunConfig) -> Data:
     spec = DataSpec(
         "lm",
         vocab_size=len(chars),
-        tokens_per_sample=cfg.model.block_size,
+        tokens_per_sample=block_size(cfg),
         encode=encode,
         decode=decode,
     )
@@ -211,7 +230,7 @@ def _token_data(cfg: RunConfig) -> Data:
 def _split_windows(
     cfg: RunConfig, tokens: np.ndarray, val_tokens: np.ndarray | None, spec: DataSpec, key: str
 ) -> Data:
-    block = cfg.model.block_size
+    block = block_size(cfg)
     if val_tokens is None:  # the tail is validation: contiguous, so no window straddles both
         cut = int(len(tokens) * (1 - cfg.data.val_fraction))
         tokens, val_tokens = tokens[:cut], tokens[cut:]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from dist_train.config import RunConfig
-from dist_train.data import Data, DataSpec, _split_windows
+from dist_train.data import Data, DataSpec, _split_windows, block_size
 from dist_train.errors import ConfigError
 from dist_train.outdir import FORMAT, META, STAGING, VERSION
 from dist_train.tokenizer import codec_from_meta
@@ -60,7 +60,7 @@ def token_data(cfg: RunConfig) -> Data:
     spec = DataSpec(
         "lm",
         vocab_size=vocab_size,
-        tokens_per_sample=cfg.model.block_size,
+        tokens_per_sample=block_size(cfg),
         encode=meta.encode,
         decode=meta.decode,
     )

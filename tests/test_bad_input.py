@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_GPT, cli, mount_tmpfs
+from conftest import GPT_SHAPE, TINY_RUN, cli, mount_tmpfs
 
 Setup = Callable[[Path], list[str]]
-TINY = [*TINY_GPT, "train.max_steps=2", "data.max_chars=50000"]
+TINY = [*TINY_RUN, "model.block_size=32", "train.max_steps=2"]
 
 
 def _none(_: Path) -> list[str]:
@@ -143,6 +143,12 @@ def command(tmp_path: Path, extra: list[str], args: list[str], nproc: str) -> li
         words.append(f"train.run_dir={tmp_path}/run")
     if "--nproc" not in words:
         words += ["--nproc", nproc]
+    # The tiny GPT's size and the corpus cap only where a case keeps gpt and text data: another
+    # model or data source has no such keys.
+    if not any(w.startswith(("model.name=", "model._target_=")) for w in words):
+        words = [*GPT_SHAPE, *words]
+    if not any(w.startswith(("data.name=", "data._target_=")) for w in words):
+        words = ["data.max_chars=50000", *words]
     return ["train", config, *TINY, *words]
 
 

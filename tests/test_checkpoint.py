@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -9,15 +10,22 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_model
 
 from dist_train.checkpoint import checkpointer as ckpt_module
 from dist_train.checkpoint.export import load_model_weights
-from dist_train.checkpoint.files import check_shapes, complete_checkpoints, read_tensor_metadata
+from dist_train.checkpoint.files import (
+    check_compatible,
+    check_shapes,
+    complete_checkpoints,
+    read_tensor_metadata,
+)
 from dist_train.config import load_config
 from dist_train.data import build_data
 from dist_train.errors import ConfigError, DistTrainError
 from dist_train.models import build_model
+from dist_train.sections import invariant_keys
 
 from conftest import TINY_GPT, assert_same_training, cli, run_on_ranks, train_in_process
 
@@ -183,6 +191,54 @@ def test_changed_model_is_refused_before_any_collective(tmp_path: Path) -> None:
         check_shapes(
             {"model": other.state_dict()}, complete_checkpoints(tmp_path / "checkpoints")[-1]
         )
+
+
+def test_resume_invariant_keys_come_from_the_selected_sections(tmp_path: Path) -> None:
+    gpt = load_config(None, [])
+    keys = set(invariant_keys(gpt))
+    assert {"model.n_layer", "model.block_size", "data.path", "data.max_chars"} <= keys
+    assert {"data.transform", "train.seed", "train.global_batch_size", "optim.name"} <= keys
+    loading = {"data.num_workers", "data.prefetch_factor", "data.persistent_workers"}
+    assert not keys & {*loading, "data.pin_memory", "model.dropout", "model.hidden_dims"}
+    mlp = set(invariant_keys(load_config(None, ["model.name=mlp", "data.name=synthetic"])))
+    assert {"model.hidden_dims", "data.task", "data.input_shape"} <= mlp
+    assert not mlp & {"model.n_layer", "data.max_chars"}
+    saved = {"config": dataclasses.asdict(gpt)}
+    loads_differently = ["data.num_workers=2", "data.prefetch_factor=4", "data.pin_memory=false"]
+    check_compatible(load_config(None, [*loads_differently, "train.max_steps=7"]), saved, tmp_path)
+    for changed, line in [
+        ("model.n_layer=2", "model.n_layer (4 -> 2)"),
+        ("data.max_chars=10", "data.max_chars (2000000 -> 10)"),
+        ("model.name=mlp", "model.name ('gpt' -> 'mlp')"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            check_compatible(load_config(None, [changed]), saved, tmp_path)
+        assert line in str(err.value)
+
+
+# What every config.yaml and manifest of main held before per-model sections: the keys of all
+# models and data sources in one flat section (the defaults of those not selected).
+FLAT_MODEL = {"hidden_dims": [128, 128], "channels": [16, 32]}
+FLAT_DATA = {"vocab_size": 0, "task": "classification", "num_samples": 4096}
+FLAT_DATA |= {"input_shape": [32], "num_classes": 10}
+
+
+def test_a_run_written_with_flat_sections_resumes_with_its_config(tmp_path: Path) -> None:
+    train_in_process([*RUN, "train.max_steps=2", f"train.run_dir={tmp_path}"])
+    old = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    old["model"] |= FLAT_MODEL
+    old["data"] |= FLAT_DATA
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    for path in (tmp_path / "checkpoints").glob("step_*/manifest.json"):
+        manifest = json.loads(path.read_text())
+        manifest["config"]["model"] |= FLAT_MODEL
+        manifest["config"]["data"] |= FLAT_DATA
+        path.write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"model\.n_layer \(2 -> 3\)") as err:
+        train_in_process(["train.max_steps=4", "model.n_layer=3"], config=tmp_path / "old.yaml")
+    assert "hidden_dims" not in str(err.value) and "num_samples" not in str(err.value)
+    resumed = train_in_process(["train.max_steps=4"], config=tmp_path / "old.yaml")
+    assert sorted(resumed["losses"]) == [3, 4]
 
 
 def snapshot(root: Path) -> dict[str, int]:

@@ -18,7 +18,7 @@ from dist_train.errors import ConfigError
 from dist_train.models import build_model
 from dist_train.models.protocol import CanSampleTokens, fsdp_units, logits_of, sampler
 
-from conftest import TINY_GPT, assert_same_training, cli, run_on_ranks, train_in_process
+from conftest import TINY_TEXT, assert_same_training, cli, run_on_ranks, train_in_process
 
 hf = pytest.importorskip("transformers", reason="the hf extra is not installed")
 
@@ -27,7 +27,7 @@ GPT2 = "transformers.GPT2LMHeadModel"
 NO_DROPOUT = "resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0"
 GPT2_KWARGS = f"{{n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64, {NO_DROPOUT}}}"
 HF_RUN = [
-    *TINY_GPT,
+    *TINY_TEXT,
     f"model._target_={GPT2}",
     f"model.kwargs={GPT2_KWARGS}",
     "train.max_steps=12",
@@ -225,7 +225,7 @@ def test_dist_train_does_not_import_transformers() -> None:
 @pytest.mark.slow
 def test_cli_reports_a_bad_kwarg_in_one_line(tmp_path: Path) -> None:
     bad = [f"model._target_={GPT2}", "model.kwargs={n_layr: 2}", f"train.run_dir={tmp_path}"]
-    result = cli("check", "configs/quickstart.yaml", *TINY_GPT, *bad)
+    result = cli("check", "configs/quickstart.yaml", *TINY_TEXT, *bad)
     assert result.returncode == 2, result.stdout[-1500:] + result.stderr[-1500:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model.kwargs="), lines

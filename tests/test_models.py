@@ -22,7 +22,7 @@ from dist_train.models.protocol import (
     sampler,
 )
 
-from conftest import TINY_GPT, train_in_process
+from conftest import TINY_TEXT, train_in_process
 from user_plugins import PlainLM
 
 
@@ -47,7 +47,7 @@ def test_a_plain_model_trains_with_mfu_and_without_a_sample(tmp_path: Path) -> N
     run = tmp_path / "run"
     result = train_in_process(
         [
-            *TINY_GPT,
+            *TINY_TEXT,
             "model._target_=user_plugins.PlainLM",
             "model.kwargs={vocab_size: 512, width: 16}",
             "train.max_steps=4",

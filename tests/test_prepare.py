@@ -22,7 +22,7 @@ from dist_train.prepare import PrepareConfig, prepare_tokens
 from dist_train.prepare_cli import Progress
 from dist_train.tokenizer import segments
 
-from conftest import TINY_GPT, cli
+from conftest import GPT_SHAPE, TINY_RUN, cli
 
 SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
 # Prose with repeats (so that a BPE learns merges), non-ASCII and a Windows line end.
@@ -401,7 +401,9 @@ def test_cli_prepare_then_train_and_sample(tmp_path: Path) -> None:
     run = cli(
         "train",
         "quickstart",
-        *TINY_GPT,
+        *TINY_RUN,
+        *GPT_SHAPE,
+        "model.block_size=32",
         "data.name=tokens",
         f"data.path={out}",
         "train.max_steps=3",

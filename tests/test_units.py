@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.config import LogConfig, ModelConfig, OptimConfig
+from dist_train.config import LogConfig, OptimConfig
 from dist_train.data import DataSpec
 from dist_train.env import read_env, under_torchrun
 from dist_train.errors import ConfigError
@@ -19,11 +19,12 @@ from dist_train.metrics import MetricsLogger
 from dist_train.models import build_model, count_parameters
 from dist_train.models.gpt import GPT
 from dist_train.optim import build_optimizer, clip_and_measure, lr_at
+from dist_train.sections import CNNConfig, GPTConfig, MLPConfig
 
 
 def test_gpt_shapes_tying_and_generation() -> None:
     model = build_model(
-        ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8), DataSpec("lm", vocab_size=11)
+        GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8), DataSpec("lm", vocab_size=11)
     )
     assert isinstance(model, GPT) and model.lm_head.weight is model.wte.weight
     logits = model(torch.randint(0, 11, (3, 8)))
@@ -36,12 +37,10 @@ def test_gpt_shapes_tying_and_generation() -> None:
 
 
 def test_mlp_and_cnn_from_config() -> None:
-    mlp = build_model(
-        ModelConfig(name="mlp", hidden_dims=[8]), DataSpec("regression", input_shape=(2, 3))
-    )
+    mlp = build_model(MLPConfig(hidden_dims=[8]), DataSpec("regression", input_shape=(2, 3)))
     assert mlp(torch.randn(4, 2, 3)).shape == (4, 1)
     cnn = build_model(
-        ModelConfig(name="cnn", channels=[4, 8]),
+        CNNConfig(channels=[4, 8]),
         DataSpec("classification", input_shape=(3, 9, 9), num_outputs=5),
     )
     assert cnn(torch.randn(2, 3, 9, 9)).shape == (2, 5)

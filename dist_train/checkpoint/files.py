@@ -22,28 +22,11 @@ from dist_train.config import RunConfig
 from dist_train.env import DistEnv
 from dist_train.errors import ConfigError
 from dist_train.parallel import resolve_strategy
+from dist_train.sections import invariant_keys
 
 MANIFEST = "manifest.json"
 QUIET_MESSAGE = "torch.distributed is disabled"  # DCP's warning when told no_dist=True
 STEP_DIR = re.compile(r"^step_(\d+)$")
-# Settings a run cannot change when it resumes: they define the model or the data stream.
-# Everything else (max_steps, log and eval intervals, micro-batch, lr ...) may change.
-INVARIANT = (
-    "model.name",
-    "model._target_",
-    "model.kwargs",
-    "model.n_layer",
-    "model.n_head",
-    "model.n_embd",
-    "model.block_size",
-    "model.bias",
-    "model.hidden_dims",
-    "model.channels",
-    "data.",
-    "train.global_batch_size",
-    "train.seed",
-    "optim.name",
-)
 
 
 def is_complete(path: Path) -> bool:
@@ -131,8 +114,16 @@ def flat_config(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def invariant_settings(cfg: RunConfig | dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flat_config(cfg).items() if k.startswith(INVARIANT)}
+def invariant_settings(cfg: RunConfig, config: RunConfig | dict[str, Any]) -> dict[str, Any]:
+    """The settings of `config` (this run's, or a manifest's record) that a run cannot change
+    when it resumes: the fields `cfg`'s sections mark invariant (the model's shape, the data
+    stream, the global batch, seed, optimizer). Everything else (max_steps, log and eval
+    intervals, micro-batch, lr, data loading workers ...) may change. A record keeps only
+    these keys of its own, so one written with the old flat sections (every model's keys)
+    compares the same."""
+    keys = invariant_keys(cfg)
+    nested = tuple(f"{k}." for k in keys)  # a dict setting is flattened to its entries
+    return {k: v for k, v in flat_config(config).items() if k in keys or k.startswith(nested)}
 
 
 def manifest_for(
@@ -144,7 +135,7 @@ def manifest_for(
     checksums: dict[str, str],
     tied: list[list[str]],
 ) -> dict[str, Any]:
-    invariant = invariant_settings(cfg)
+    invariant = invariant_settings(cfg, cfg)
     files = {
         str(p.relative_to(folder)): p.stat().st_size
         for p in sorted(folder.rglob("*"))
@@ -190,7 +181,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def check_compatible(cfg: RunConfig, manifest: dict[str, Any], path: Path) -> None:
-    saved, now = invariant_settings(manifest["config"]), invariant_settings(cfg)
+    saved, now = invariant_settings(cfg, manifest["config"]), invariant_settings(cfg, cfg)
     diff = [
         f"{k} ({saved.get(k)!r} -> {now.get(k)!r})"
         for k in sorted(set(saved) | set(now))

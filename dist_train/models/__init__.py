@@ -8,12 +8,13 @@ import math
 
 from torch import nn
 
-from dist_train.config import ModelConfig, call_target, resolve_target
+from dist_train.config import call_target, resolve_target
 from dist_train.data import DataSpec
 from dist_train.errors import ConfigError
 from dist_train.models.gpt import GPT
 from dist_train.models.hf import build_hf_model, is_hf_class, is_pretrained_dir
 from dist_train.models.simple import CNN, MLP
+from dist_train.sections import CNNConfig, GPTConfig, MLPConfig, ModelConfig
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
@@ -33,7 +34,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
 
 
 def _build_named(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
-    if cfg.name == "gpt":
+    if isinstance(cfg, GPTConfig):
         if spec.task != "lm":
             raise ConfigError("model.name", cfg.name, f"needs token data, got a {spec.task} task")
         return GPT(
@@ -47,10 +48,11 @@ def _build_named(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
         )
     if spec.task == "lm":
         raise ConfigError("model.name", cfg.name, "cannot model token sequences; use gpt")
-    if cfg.name == "mlp":
+    if isinstance(cfg, MLPConfig):
         return MLP(
             math.prod(spec.input_shape), list(cfg.hidden_dims), spec.num_outputs, cfg.dropout
         )
+    assert isinstance(cfg, CNNConfig)  # load_config made the section of model.name
     if len(spec.input_shape) != 3:
         raise ConfigError(
             "data.input_shape", list(spec.input_shape), "cnn needs [channels, height, width]"

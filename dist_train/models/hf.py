@@ -134,7 +134,7 @@ def _check_fits_data(config: Any, cfg: ModelConfig, spec: DataSpec) -> None:
     if isinstance(context, int) and spec.tokens_per_sample > context:
         raise ConfigError(
             "model.block_size",
-            cfg.block_size,
+            spec.tokens_per_sample,
             f"training windows are longer than the model's context "
             f"({type(config).__name__}.max_position_embeddings={context})",
         )
