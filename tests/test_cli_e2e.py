@@ -16,6 +16,7 @@ import pytest
 from conftest import CLI, REPO, TESTS, TINY_GPT, cli, leftover_processes, wait_for_metrics
 
 FIELDS = {"step", "loss", "lr", "grad_norm", "samples_per_sec", "tokens_per_sec", "elapsed_sec"}
+FIELDS |= {"step_sec", "data_wait_sec"}
 RUN = [
     "configs/quickstart.yaml",
     *TINY_GPT,
