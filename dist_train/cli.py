@@ -143,11 +143,12 @@ def _launch_config(args: argparse.Namespace, timeout_s: int = 30) -> LaunchConfi
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dist_train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before torch loads: bad input is quick
     from dist_train.env import foreign_launch, under_torchrun
     from dist_train.launcher import check_launch, launch
     from dist_train.plan import build_plan, device_kind
 
-    cfg = load_config(args.config, args.overrides)
     if under_torchrun():  # we are a worker: torchrun already decided the world
         return run_worker(cfg)
     lc = _launch_config(args, cfg.parallel.timeout_s)
@@ -193,10 +194,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from dist_train.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides)  # before torch loads: bad input is quick
     from dist_train.launcher import check_launch
     from dist_train.plan import build_plan, device_kind
 
-    cfg = load_config(args.config, args.overrides)
     lc = _launch_config(args)
     check_launch(lc, device_kind(cfg))
     print(to_yaml(cfg), end="")
@@ -310,10 +312,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _speaks(error: BaseException) -> bool:
     """Errors every rank raises alike are printed by rank 0 only; a `quiet` one by nobody."""
-    from dist_train.env import process_rank
-
     if getattr(error, "quiet", False):
         return False
     if isinstance(error, Preempted) or getattr(error, "on_every_rank", False):
+        # Imported here: a plain input error, found before torch loads, need not load it.
+        from dist_train.env import process_rank
+
         return process_rank() == 0
     return True

@@ -378,7 +378,7 @@ def test_failing_variants_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> 
 # Each step reads 8 items of 5 ms: 40 steps last about 2 s on any machine, however loaded.
 SLOW_RUN = """
 model: {_target_: user_plugins.TinyRegressor, kwargs: {in_features: 8}}
-data: {_target_: sweep_plugins.SlowLines}
+data: {_target_: user_plugins.SlowLines, kwargs: {seconds: 0.005}}
 train: {device: cpu, max_steps: 40, global_batch_size: 8}
 log: {every_steps: 2, progress: never}
 checkpoint: {every_steps: 4}
