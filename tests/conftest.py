@@ -179,10 +179,10 @@ def train_in_process(
     """Train in this process (a rank when RANK etc. are set): losses per step, full weights,
     and what this rank stores locally. `stop_at=N` interrupts the run right after step N;
     `config` is a YAML file under the overrides."""
-    from dist_train.build import build_trainer
-    from dist_train.config import load_config
-    from dist_train.env import dist_session, read_env
-    from dist_train.parallel import local_numel, unwrap
+    from dist_train.config.load import load_config
+    from dist_train.launch.env import dist_session, read_env
+    from dist_train.parallel.wrap import local_numel, unwrap
+    from dist_train.train.build import build_trainer
 
     cfg = load_config(config, overrides)
     env = read_env(cfg.train.device)

@@ -11,8 +11,14 @@ from typing import Any
 import pytest
 import torch
 
-from dist_train.bench import BENCHMARKS, get_benchmark, load_runner, make_args, split_config
 from dist_train.bench.harness import BenchArgs, measure_interleaved
+from dist_train.bench.registry import (
+    BENCHMARKS,
+    get_benchmark,
+    load_runner,
+    make_args,
+    split_config,
+)
 from dist_train.bench.report import BenchReport, Column, format_table, timing_rows, write_json
 from dist_train.bench.stats import (
     interleaved_order,
@@ -23,9 +29,9 @@ from dist_train.bench.stats import (
     round_medians,
     summarize,
 )
-from dist_train.cli import build_parser
-from dist_train.env import DistEnv
+from dist_train.cli.main import build_parser
 from dist_train.errors import ConfigError
+from dist_train.launch.env import DistEnv
 
 from conftest import REPO, cli
 

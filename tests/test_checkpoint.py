@@ -21,11 +21,11 @@ from dist_train.checkpoint.files import (
     complete_checkpoints,
     read_tensor_metadata,
 )
-from dist_train.config import load_config
-from dist_train.data import build_data
+from dist_train.config.load import load_config
+from dist_train.config.sections import invariant_keys
+from dist_train.data.build import build_data
 from dist_train.errors import ConfigError, DistTrainError
-from dist_train.models import build_model
-from dist_train.sections import invariant_keys
+from dist_train.models.registry import build_model
 
 from conftest import TINY_GPT, assert_same_training, cli, run_on_ranks, train_in_process
 

@@ -11,12 +11,13 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-from dist_train.checkpoint.checkpointer import Checkpointer, TrainState
+from dist_train.checkpoint.checkpointer import Checkpointer
 from dist_train.checkpoint.reader import ThreadedFileSystemReader, contiguous_runs
 from dist_train.checkpoint.state import loaded_in_place
-from dist_train.config import load_config
-from dist_train.env import DistEnv
-from dist_train.precision import Precision
+from dist_train.checkpoint.train_state import TrainState
+from dist_train.config.load import load_config
+from dist_train.launch.env import DistEnv
+from dist_train.parallel.precision import Precision
 
 CPU1 = DistEnv(0, 0, 1, 1, torch.device("cpu"), "gloo")
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 import dist_train
+from dist_train.config.versions import check_torch_version, parse_version
 from dist_train.errors import ConfigError
-from dist_train.plan import Plan
-from dist_train.versions import check_torch_version, parse_version
+from dist_train.train.plan import Plan
 
 from conftest import cli
 
 IMPORTS_AFTER = """
 import sys
-from dist_train.cli import main
+from dist_train.cli.main import main
 try:
     main(sys.argv[1:])
 except SystemExit:

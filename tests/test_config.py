@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.cli import build_parser
-from dist_train.config import accumulation_steps, load_config, micro_batch_size, to_yaml
-from dist_train.data import build_data
+from dist_train.cli.main import build_parser
+from dist_train.config.load import load_config, to_yaml
+from dist_train.config.schema import accumulation_steps, micro_batch_size
+from dist_train.config.sections import DATA, MODELS, SECTIONS, MLPConfig, TargetModelConfig
+from dist_train.data.build import build_data
 from dist_train.errors import ConfigError
-from dist_train.models import build_model
-from dist_train.sections import DATA, MODELS, SECTIONS, MLPConfig, TargetModelConfig
+from dist_train.models.registry import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 

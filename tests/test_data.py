@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from dist_train.config import load_config
-from dist_train.data import GlobalBatchSampler, build_data, default_corpus
+from dist_train.config.load import load_config
+from dist_train.data.build import build_data, default_corpus
+from dist_train.data.sampler import GlobalBatchSampler
 from dist_train.errors import ConfigError
 
 

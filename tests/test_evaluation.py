@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.config import load_config
-from dist_train.env import DistEnv, dist_session, read_env
+from dist_train.config.load import load_config
+from dist_train.data.loader import EverySampleOnce
 from dist_train.errors import ConfigError
-from dist_train.evaluation import ClassificationMetrics, LossMetric, MetricSums
-from dist_train.loader import EverySampleOnce
+from dist_train.launch.env import DistEnv, dist_session, read_env
+from dist_train.train.evaluation import ClassificationMetrics, LossMetric, MetricSums
 
 from conftest import run_on_ranks, train_in_process
 

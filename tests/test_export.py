@@ -16,8 +16,8 @@ from safetensors.torch import load_file, load_model
 from dist_train.checkpoint.export import export, init_model
 from dist_train.checkpoint.files import MANIFEST, complete_checkpoints
 from dist_train.checkpoint.serving import serving_metadata
-from dist_train.cli import build_parser
-from dist_train.config import load_config
+from dist_train.cli.main import build_parser
+from dist_train.config.load import load_config
 from dist_train.errors import ConfigError
 from dist_train.models.gpt import GPT
 

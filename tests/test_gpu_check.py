@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_train.data import DataSpec
+from dist_train.data.datasets import DataSpec
 from dist_train.gpu_check import checkpoint_checks, checks, cli, train_checks
 from dist_train.gpu_check.checks import CHECKS, pytest_counts
 from dist_train.gpu_check.runner import Check, CheckFailed, CheckSkipped, Context

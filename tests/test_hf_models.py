@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from dist_train.checkpoint.export import init_model
-from dist_train.config import ModelConfig, load_config
-from dist_train.data import DataSpec, GlobalBatchSampler, build_data
+from dist_train.config.load import load_config
+from dist_train.config.schema import ModelConfig
+from dist_train.data.build import build_data
+from dist_train.data.datasets import DataSpec
+from dist_train.data.sampler import GlobalBatchSampler
 from dist_train.errors import ConfigError
-from dist_train.models import build_model
 from dist_train.models.protocol import CanSampleTokens, fsdp_units, logits_of, sampler
+from dist_train.models.registry import build_model
 
 from conftest import TINY_TEXT, assert_same_training, cli, run_on_ranks, train_in_process
 
@@ -218,7 +221,7 @@ def test_errors_are_one_line_naming_the_key(
 
 @pytest.mark.slow
 def test_dist_train_does_not_import_transformers() -> None:
-    code = "import sys, dist_train.build; assert 'transformers' not in sys.modules"
+    code = "import sys, dist_train.train.build; assert 'transformers' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

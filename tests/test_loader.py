@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.config import load_config
-from dist_train.data import build_data
-from dist_train.env import DistEnv
+from dist_train.config.load import load_config
+from dist_train.data.build import build_data
+from dist_train.data.loader import BatchLoader
 from dist_train.errors import ConfigError
-from dist_train.loader import BatchLoader
+from dist_train.launch.env import DistEnv
 
 from conftest import TINY_GPT, cli, leftover_processes, train_in_process
 

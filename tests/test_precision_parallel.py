@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.build import build_trainer
-from dist_train.config import ParallelConfig, PrecisionConfig, load_config
-from dist_train.env import read_env
+from dist_train.config.load import load_config
+from dist_train.config.schema import ParallelConfig, PrecisionConfig
 from dist_train.errors import ConfigError
+from dist_train.launch.env import read_env
 from dist_train.models.simple import MLP
-from dist_train.parallel import resolve_strategy, wrap_model
+from dist_train.parallel.wrap import resolve_strategy, wrap_model
+from dist_train.train.build import build_trainer
 
 from conftest import (
     EXACT_RUN,
@@ -158,7 +159,7 @@ def test_unsupported_precision_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
     import warnings
     from contextlib import contextmanager
 
-    from dist_train import precision
+    from dist_train.parallel import precision
 
     @contextmanager
     def autocast_without_fp16(device_type: str, dtype: torch.dtype):  # type: ignore[no-untyped-def]

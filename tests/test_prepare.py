@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from dist_train import sources
-from dist_train.config import load_config
-from dist_train.data import build_data
+from dist_train.config.load import load_config
+from dist_train.data import sources
+from dist_train.data.build import build_data
+from dist_train.data.prepare import PrepareConfig, prepare_tokens
+from dist_train.data.progress import Progress
+from dist_train.data.tokenizer import segments
 from dist_train.errors import ConfigError
-from dist_train.prepare import PrepareConfig, prepare_tokens
-from dist_train.prepare_cli import Progress
-from dist_train.tokenizer import segments
 
 from conftest import GPT_SHAPE, TINY_RUN, cli
 

@@ -19,7 +19,7 @@ import torch
 from dist_train.checkpoint.export import load_model_weights
 from dist_train.checkpoint.files import complete_checkpoints, read_manifest
 from dist_train.errors import ConfigError, NonFiniteError
-from dist_train.rundir import LOCK
+from dist_train.launch.rundir import LOCK
 
 from conftest import CLI, TINY_GPT, cli, mount_tmpfs, run_on_ranks, train_in_process
 
@@ -113,7 +113,7 @@ def test_second_run_into_a_busy_run_directory_exits_2_naming_the_holder(tmp_path
 
 
 def test_stale_and_foreign_locks(tmp_path: Path) -> None:
-    from dist_train.rundir import RunLock
+    from dist_train.launch.rundir import RunLock
 
     run = tmp_path / "run"
     run.mkdir()
@@ -247,7 +247,7 @@ def test_metrics_lines_are_whole_even_when_the_disk_is_full(tmp_path: Path) -> N
 import os, resource, signal
 from pathlib import Path
 from dist_train.errors import DistTrainError
-from dist_train.metrics import append_line
+from dist_train.track.metrics import append_line
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 path = Path({str(tmp_path / "m.jsonl")!r})
 fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)

@@ -196,10 +196,10 @@ def test_a_stalled_rank_is_named_with_its_step_and_phase(tmp_path: Path) -> None
 
 def _one_rank_signalled(run_dir: str) -> tuple[int, int, bool]:
     """Rank 1 alone records SIGUSR1 during step 5; returns (stop step, signal, saved)."""
-    from dist_train.build import build_trainer
-    from dist_train.config import load_config
-    from dist_train.env import dist_session, read_env
-    from dist_train.signals import Preempted, StopRequest
+    from dist_train.config.load import load_config
+    from dist_train.launch.env import dist_session, read_env
+    from dist_train.launch.signals import Preempted, StopRequest
+    from dist_train.train.build import build_trainer
 
     overrides = [*RUN[1:], "log.every_steps=3", "train.max_steps=50", f"train.run_dir={run_dir}"]
     cfg = load_config(None, overrides)
@@ -245,7 +245,7 @@ def test_copies_started_by_another_launcher_are_refused(var: str, tmp_path: Path
 
 
 def test_one_copy_per_node_is_what_multi_node_launches_look_like() -> None:
-    from dist_train.env import foreign_launch
+    from dist_train.launch.env import foreign_launch
 
     assert foreign_launch(2, {"SLURM_STEP_NUM_TASKS": "2", "OMPI_COMM_WORLD_SIZE": "2"}) is None
     assert foreign_launch(1, {"SLURM_STEP_NUM_TASKS": "1", "WORLD_SIZE": "1"}) is None

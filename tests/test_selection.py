@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_train.config import load_config
+from dist_train.config.load import load_config
 from dist_train.errors import ConfigError
 
 from conftest import cli, run_on_ranks, train_in_process

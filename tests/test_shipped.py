@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_train.config import load_config
+from dist_train.config.load import load_config
+from dist_train.config.yaml_io import resolve_config_path, shipped_configs_dir
 from dist_train.errors import ConfigError
-from dist_train.yaml_io import resolve_config_path, shipped_configs_dir
 
 from conftest import REPO, fingerprint_changes, run_on_ranks, train_in_process, tree_fingerprint
 

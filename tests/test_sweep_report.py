@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from dist_train.errors import ConfigError, DistTrainError
-from dist_train.results import higher_is_better, read_metrics, summarize
-from dist_train.sweep_grid import (
+from dist_train.experiments.grid import (
     MAX_NAME,
     parse_grid,
     pin_grid,
@@ -24,6 +23,7 @@ from dist_train.sweep_grid import (
     unique_names,
     variant_name,
 )
+from dist_train.experiments.results import higher_is_better, read_metrics, summarize
 
 from conftest import CLI, REPO, TESTS, cli, wait_for_metrics
 
@@ -124,7 +124,7 @@ def test_a_sweep_dir_keeps_its_grid(tmp_path: Path) -> None:
 
 
 def test_each_variant_is_this_checkouts_train_with_its_own_run_dir() -> None:
-    from dist_train.sweep import SweepArgs, train_command
+    from dist_train.experiments.sweep import SweepArgs, train_command
 
     grid = parse_grid(["optim.lr=0.1,0.2", "train.max_steps=5"])
     args = SweepArgs("cfg.yaml", [], None, nproc=2)
@@ -147,7 +147,7 @@ def test_each_variant_is_this_checkouts_train_with_its_own_run_dir() -> None:
 
 
 def test_a_run_directory_is_no_sweep_directory(tmp_path: Path) -> None:
-    from dist_train.sweep import SweepArgs, run_sweep
+    from dist_train.experiments.sweep import SweepArgs, run_sweep
 
     (tmp_path / "config.yaml").write_text("{}\n")  # an earlier run's
     with pytest.raises(ConfigError, match=r"holds a training run .*--dir") as e:
@@ -212,7 +212,7 @@ def test_report_has_a_panel_per_quantity_and_overlays_a_sweeps_runs(tmp_path: Pa
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from dist_train.report import report
+    from dist_train.experiments.report import report
 
     sweep = tmp_path / "sweep"
     fake_run(sweep / "lr=1", 1.0)
@@ -248,7 +248,7 @@ def test_report_has_a_panel_per_quantity_and_overlays_a_sweeps_runs(tmp_path: Pa
 
 
 def test_report_input_errors(tmp_path: Path) -> None:
-    from dist_train.report import report
+    from dist_train.experiments.report import report
 
     with pytest.raises(DistTrainError, match=r"no metrics.jsonl"):
         report([str(tmp_path)], str(tmp_path / "r.png"))
@@ -261,7 +261,7 @@ def test_report_input_errors(tmp_path: Path) -> None:
 def test_report_without_matplotlib_names_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dist_train.report import report
+    from dist_train.experiments.report import report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     run = fake_run(tmp_path / "r", 1.0)
@@ -274,7 +274,7 @@ def test_report_without_matplotlib_names_the_extra(
 def test_report_cli_is_one_line_and_loads_no_torch(tmp_path: Path) -> None:
     run = fake_run(tmp_path / "run", 1.0)
     code = (
-        "import sys\nfrom dist_train.cli import main\n"
+        "import sys\nfrom dist_train.cli.main import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    print('EXIT', e.code)\n"
         "print('TORCH', 'torch' in sys.modules)\n"
     )

@@ -17,10 +17,12 @@ from typing import Any
 
 import pytest
 
-from dist_train.config import LogConfig, RunConfig, load_config
-from dist_train.console import NO_TQDM, Console
+from dist_train.config.load import load_config
+from dist_train.config.schema import LogConfig, RunConfig
 from dist_train.errors import ConfigError
-from dist_train.trackers import flat_config, scalars
+from dist_train.track.backend import scalars
+from dist_train.track.console import NO_TQDM, Console
+from dist_train.track.trackers import flat_config
 
 from conftest import REPO, TINY_GPT, cli, run_on_ranks, train_in_process
 
@@ -253,7 +255,7 @@ def test_a_missing_library_names_its_extra(monkeypatch: pytest.MonkeyPatch, libr
 MISSING_WANDB = """
 import sys
 sys.modules["wandb"] = None  # as if not installed
-from dist_train.cli import main
+from dist_train.cli.main import main
 main(sys.argv[1:])
 """
 
@@ -358,7 +360,7 @@ def test_console_bar_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_without_the_console_backend_only_messages_print(tmp_path: Path) -> None:
-    from dist_train.metrics import MetricsLogger
+    from dist_train.track.metrics import MetricsLogger
 
     out = io.StringIO()
     logger = MetricsLogger(tmp_path, LogConfig(backends=["jsonl"], progress="never"), 4, out)

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.config import LogConfig, OptimConfig
-from dist_train.data import DataSpec
-from dist_train.env import read_env, under_torchrun
+from dist_train.config.schema import LogConfig, OptimConfig
+from dist_train.config.sections import CNNConfig, GPTConfig, MLPConfig
+from dist_train.data.datasets import DataSpec
 from dist_train.errors import ConfigError
-from dist_train.launcher import LaunchConfig, check_launch, threads_per_worker, torchrun_argv
-from dist_train.metrics import MetricsLogger
-from dist_train.models import build_model, count_parameters
+from dist_train.launch.env import read_env, under_torchrun
+from dist_train.launch.launcher import LaunchConfig, check_launch, threads_per_worker, torchrun_argv
 from dist_train.models.gpt import GPT
-from dist_train.optim import build_optimizer, clip_and_measure, lr_at
-from dist_train.sections import CNNConfig, GPTConfig, MLPConfig
+from dist_train.models.registry import build_model, count_parameters
+from dist_train.track.metrics import MetricsLogger
+from dist_train.train.optim import build_optimizer, clip_and_measure, lr_at
 
 
 def test_gpt_shapes_tying_and_generation() -> None:
@@ -119,7 +119,7 @@ def test_torchrun_argv_single_and_multi_node() -> None:
 
 
 def test_worker_endings_are_named() -> None:
-    from dist_train.launcher import how_it_ended
+    from dist_train.launch.launcher import how_it_ended
 
     assert how_it_ended(1) == "failed with exit code 1 (its output is above)"
     assert how_it_ended(-9).startswith("was killed by SIGKILL (the kernel's out-of-memory")
@@ -182,8 +182,8 @@ def test_metrics_logger(tmp_path: Path) -> None:
 
 
 def test_flops_per_token_and_mfu() -> None:
-    from dist_train.config import LogConfig
-    from dist_train.metrics import mfu, peak_flops
+    from dist_train.config.schema import LogConfig
+    from dist_train.track.metrics import mfu, peak_flops
 
     model = GPT(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=16)
     matmul_weights = count_parameters(model) - 8 * 16  # all but the position table
@@ -222,7 +222,7 @@ def test_progress_bar_only_on_a_tty(tmp_path: Path) -> None:
 
 
 def test_the_route_to_the_endpoint_picks_address_and_interface() -> None:
-    from dist_train.network import interface_of, is_loopback, local_addr_to
+    from dist_train.launch.network import interface_of, is_loopback, local_addr_to
 
     assert local_addr_to("127.0.0.1:29400") == "127.0.0.1"
     assert local_addr_to("localhost:29400") == "127.0.0.1"  # IPv4 before ::1

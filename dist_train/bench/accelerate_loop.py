@@ -22,13 +22,13 @@ from dist_train.bench.loops import (
 )
 from dist_train.bench.overhead import head_to_head, head_to_head_report
 from dist_train.bench.report import BenchReport
-from dist_train.config import RunConfig, accumulation_steps, micro_batch_size
-from dist_train.data import Data
-from dist_train.env import DistEnv
+from dist_train.config.schema import RunConfig, accumulation_steps, micro_batch_size
+from dist_train.data.datasets import Data
 from dist_train.errors import ConfigError
-from dist_train.models import build_model
-from dist_train.optim import decay_horizon, lr_at
-from dist_train.plan import device_kind
+from dist_train.launch.env import DistEnv
+from dist_train.models.registry import build_model
+from dist_train.train.optim import decay_horizon, lr_at
+from dist_train.train.plan import device_kind
 
 ACCELERATE = "accelerate"
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}

@@ -12,10 +12,10 @@ import torch.distributed as dist
 from dist_train.bench.harness import BenchArgs, bench_config, measure_interleaved, run_workers
 from dist_train.bench.report import BenchReport, Column
 from dist_train.bench.stats import round_medians, summarize
-from dist_train.config import RunConfig
-from dist_train.data import build_data
-from dist_train.env import DistEnv
-from dist_train.models import build_model
+from dist_train.config.schema import RunConfig
+from dist_train.data.build import build_data
+from dist_train.launch.env import DistEnv
+from dist_train.models.registry import build_model
 
 SIZES = [4096 * 4**k for k in range(8)]  # 4 KiB .. 64 MiB: latency-bound to bandwidth-bound
 

@@ -32,13 +32,14 @@ from dist_train.bench.harness import BenchArgs, bench_config, max_over_ranks, ru
 from dist_train.bench.loops import FrameworkLoop
 from dist_train.bench.report import BenchReport, Column, machine_info
 from dist_train.bench.stats import median, ratio_summary, round_medians, summarize
-from dist_train.checkpoint.checkpointer import Checkpointer, TrainState
+from dist_train.checkpoint.checkpointer import Checkpointer
 from dist_train.checkpoint.checksums import damaged_files
 from dist_train.checkpoint.files import complete_checkpoints, read_manifest
-from dist_train.config import RunConfig
-from dist_train.env import DistEnv
+from dist_train.checkpoint.train_state import TrainState
+from dist_train.config.schema import RunConfig
 from dist_train.errors import ConfigError
-from dist_train.precision import Precision
+from dist_train.launch.env import DistEnv
+from dist_train.parallel.precision import Precision
 
 PARAMS_ENV, RATE_ENV = "DIST_TRAIN_BENCH_CKPT_PARAMS", "DIST_TRAIN_BENCH_CKPT_SLOW_MBPS"
 SLOW_PARAMS_PER_RANK = 16 * 2**20  # 64 MiB per worker: ~1.3 s per save at 50 MB/s

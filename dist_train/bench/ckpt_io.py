@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from dist_train.bench.harness import BenchArgs, max_over_ranks
 from dist_train.bench.stats import interleaved_order
 from dist_train.checkpoint.files import fsync_dir
-from dist_train.env import DistEnv
+from dist_train.launch.env import DistEnv
 
 Figures = dict[str, float]
 

@@ -26,10 +26,11 @@ from dist_train.bench.loops import (
 )
 from dist_train.bench.report import TIMING_COLUMNS, BenchReport, timing_rows
 from dist_train.bench.stats import ratio_summary, round_medians
-from dist_train.config import RunConfig, load_config
-from dist_train.data import Data, MapDatasetAdapter
-from dist_train.env import DistEnv
+from dist_train.config.load import load_config
+from dist_train.config.schema import RunConfig
+from dist_train.data.datasets import Data, MapDatasetAdapter
 from dist_train.errors import ConfigError
+from dist_train.launch.env import DistEnv
 
 WORKERS, RAW, NO_WORKERS = "dist_train", "raw_torch", "dist_train num_workers=0"
 # Under the user's overrides: the benchmark's own dataset and model, 2 loading workers.

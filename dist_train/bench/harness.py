@@ -26,8 +26,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_train.bench.stats import interleaved_order
-from dist_train.config import RunConfig, load_config
-from dist_train.env import DistEnv, dist_session, read_env
+from dist_train.config.load import load_config
+from dist_train.config.schema import RunConfig
+from dist_train.launch.env import DistEnv, dist_session, read_env
 
 StepRunner = Callable[[int], None]  # runs n training steps (or n operations) of one contender
 Worker = Callable[["BenchArgs", DistEnv], "dict[str, Any] | None"]

@@ -18,16 +18,17 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.overrides import TorchFunctionMode
 
-from dist_train.build import build_trainer
-from dist_train.config import RunConfig, accumulation_steps, micro_batch_size
-from dist_train.data import Data, GlobalBatchSampler
-from dist_train.env import DistEnv
+from dist_train.config.schema import RunConfig, accumulation_steps, micro_batch_size
+from dist_train.data.datasets import Data
+from dist_train.data.sampler import GlobalBatchSampler
 from dist_train.errors import ConfigError
-from dist_train.models import build_model
-from dist_train.optim import decay_horizon, lr_at
-from dist_train.parallel import resolve_strategy, unwrap
-from dist_train.precision import DTYPES
-from dist_train.trainer import Trainer
+from dist_train.launch.env import DistEnv
+from dist_train.models.registry import build_model
+from dist_train.parallel.precision import DTYPES
+from dist_train.parallel.wrap import resolve_strategy, unwrap
+from dist_train.train.build import build_trainer
+from dist_train.train.optim import decay_horizon, lr_at
+from dist_train.train.trainer import Trainer
 
 
 def check_plain_ddp(cfg: RunConfig, nproc: int) -> None:

@@ -17,7 +17,7 @@ from dist_train.bench.loops import (
 )
 from dist_train.bench.report import TIMING_COLUMNS, BenchReport, timing_rows
 from dist_train.bench.stats import ratio_summary, round_medians
-from dist_train.env import DistEnv
+from dist_train.launch.env import DistEnv
 
 FRAMEWORK, RAW = "dist_train", "raw_torch"
 

@@ -11,7 +11,7 @@ from dist_train.bench.harness import BenchArgs, bench_config, measure_interleave
 from dist_train.bench.loops import FrameworkLoop, training_settings
 from dist_train.bench.report import TIMING_COLUMNS, BenchReport, timing_rows
 from dist_train.bench.stats import ratio_summary, round_medians
-from dist_train.env import DistEnv
+from dist_train.launch.env import DistEnv
 
 
 def _idle(steps: int) -> None:

@@ -29,11 +29,11 @@ from dist_train.bench.harness import BenchArgs, bench_config, measure_interleave
 from dist_train.bench.loops import FrameworkLoop, training_settings
 from dist_train.bench.report import TIMING_COLUMNS, BenchReport, Column, timing_rows
 from dist_train.bench.stats import ratio_summary, round_medians
-from dist_train.config import RunConfig
-from dist_train.env import DistEnv
+from dist_train.config.schema import RunConfig
 from dist_train.errors import ConfigError
-from dist_train.parallel import unwrap
-from dist_train.precision import DTYPES, check_supported
+from dist_train.launch.env import DistEnv
+from dist_train.parallel.precision import DTYPES, check_supported
+from dist_train.parallel.wrap import unwrap
 
 GROUP_STRATEGIES = ("ddp", "fsdp")
 BASE = "ddp fp32"

@@ -13,7 +13,6 @@ import os
 import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,26 +49,12 @@ from dist_train.checkpoint.files import (
 from dist_train.checkpoint.integrity import HashingWriter, collect_digests
 from dist_train.checkpoint.reader import ThreadedFileSystemReader
 from dist_train.checkpoint.state import loaded_in_place, rng_state, set_rng_state, tied_names
-from dist_train.config import RunConfig
-from dist_train.env import DistEnv
+from dist_train.checkpoint.train_state import BEST, TrainState
+from dist_train.config.schema import RunConfig
 from dist_train.errors import ConfigError, DistTrainError, first_line
-from dist_train.parallel import unwrap
-from dist_train.precision import Precision
-from dist_train.selection import BEST
-
-
-@dataclass
-class TrainState:
-    """The trainer's own checkpointed state; LR and data position are pure functions of step."""
-
-    step: int = 0  # completed optimizer steps
-    samples_seen: int = 0
-    # Watched evaluation metrics (selection.py): best value, its step, evaluations since.
-    watches: dict[str, dict[str, Any]] = field(default_factory=dict)
-    stopped_early: bool = False
-
-    def for_manifest(self) -> dict[str, Any]:
-        return {"watches": self.watches, "stopped_early": self.stopped_early}
+from dist_train.launch.env import DistEnv
+from dist_train.parallel.precision import Precision
+from dist_train.parallel.wrap import unwrap
 
 
 class Checkpointer:

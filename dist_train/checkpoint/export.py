@@ -30,7 +30,7 @@ from dist_train.checkpoint.serving import serving_metadata
 from dist_train.checkpoint.state import tied_names
 from dist_train.errors import ConfigError
 from dist_train.models.hf import is_pretrained_dir, load_pretrained
-from dist_train.precision import DTYPES
+from dist_train.parallel.precision import DTYPES
 
 
 def load_model_weights(source: str, key: str) -> dict[str, torch.Tensor]:

@@ -18,11 +18,11 @@ import torch
 
 import dist_train
 from dist_train.checkpoint.checksums import damaged_files
-from dist_train.config import RunConfig
-from dist_train.env import DistEnv
+from dist_train.config.schema import RunConfig
+from dist_train.config.sections import invariant_keys
 from dist_train.errors import ConfigError
-from dist_train.parallel import resolve_strategy
-from dist_train.sections import invariant_keys
+from dist_train.launch.env import DistEnv
+from dist_train.parallel.wrap import resolve_strategy
 
 MANIFEST = "manifest.json"
 QUIET_MESSAGE = "torch.distributed is disabled"  # DCP's warning when told no_dist=True

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dist_train.data.tokens import read_meta_pkl
 from dist_train.errors import ConfigError
-from dist_train.tokens import read_meta_pkl
 
 # The keys an export writes (README, "Export for serving").
 MODEL_KEY = "dist_train.model"

@@ -112,7 +112,7 @@ def export_check(ctx: Context, numbers: dict[str, Any]) -> str:
 
     from dist_train.checkpoint.export import export
     from dist_train.gpu_check.training import train, weights_diff
-    from dist_train.models import build_model
+    from dist_train.models.registry import build_model
 
     cfg = quickstart(ctx, "export_run", ctx.sizes.export_steps)
     run = train(cfg)

@@ -162,8 +162,8 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def cuda_properties() -> dict[str, Any]:
-    from dist_train.config import LogConfig
-    from dist_train.metrics import peak_flops
+    from dist_train.config.schema import LogConfig
+    from dist_train.track.metrics import peak_flops
 
     props = torch.cuda.get_device_properties(0)
     peak = peak_flops(LogConfig(), torch.device("cuda", 0), "bf16")

@@ -16,16 +16,16 @@ from dist_train.gpu_check.runner import CheckFailed, CheckSkipped, Context
 # The library is imported inside each check: an import error anywhere in it then fails the
 # checks that need it, recorded in the JSON, instead of stopping the tool before it reports.
 if TYPE_CHECKING:
-    from dist_train.config import RunConfig
+    from dist_train.config.schema import RunConfig
     from dist_train.gpu_check.training import TrainRun
-    from dist_train.trainer import Trainer
+    from dist_train.train.trainer import Trainer
 
 LOSS_FALL = 0.9  # "the loss falls": the last logged interval below 90% of the first
 
 
 def quickstart(ctx: Context, name: str, steps: int, *extra: str) -> RunConfig:
     """configs/quickstart.yaml on the check's device, in its own run dir, quiet."""
-    from dist_train.config import load_config
+    from dist_train.config.load import load_config
 
     # shipped inside the package by a wheel install, at the top of a checkout otherwise
     found = [
@@ -147,9 +147,9 @@ def time_steps(
 
 def throughput_gpt2_small(ctx: Context, numbers: dict[str, Any]) -> str:
     from dist_train.gpu_check.training import open_trainer
-    from dist_train.metrics import mfu, peak_flops
-    from dist_train.models import count_parameters
-    from dist_train.parallel import unwrap
+    from dist_train.models.registry import count_parameters
+    from dist_train.parallel.wrap import unwrap
+    from dist_train.track.metrics import mfu, peak_flops
 
     s = ctx.sizes
     cfg = quickstart(

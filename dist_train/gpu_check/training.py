@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_train.build import build_trainer
-from dist_train.config import RunConfig
-from dist_train.data import DataSpec
-from dist_train.env import dist_session, read_env
-from dist_train.parallel import unwrap
-from dist_train.trainer import Trainer
+from dist_train.config.schema import RunConfig
+from dist_train.data.datasets import DataSpec
+from dist_train.launch.env import dist_session, read_env
+from dist_train.parallel.wrap import unwrap
+from dist_train.train.build import build_trainer
+from dist_train.train.trainer import Trainer
 
 
 class StopTraining(Exception):

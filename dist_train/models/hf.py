@@ -17,8 +17,8 @@ from torch import nn
 from dist_train.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
-    from dist_train.config import ModelConfig
-    from dist_train.data import DataSpec
+    from dist_train.config.schema import ModelConfig
+    from dist_train.data.datasets import DataSpec
 
 # What `save_pretrained` writes: one file, or shards listed in an index.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")

@@ -1,0 +1,1 @@
+"""Datasets, the world-size-invariant sampler, loading, tokens and `dist-train prepare`."""

@@ -1,0 +1,1 @@
+"""Several runs and what is drawn from them: sweeps, their results table, reports."""

@@ -1,0 +1,1 @@
+"""Processes: spawning workers, rendezvous, signals, watching peers, run-directory ownership."""

@@ -1,0 +1,246 @@
+"""Each worker's progress where its peers can read it, so that a collective that times out
+names the rank that did not arrive (and its step and phase) instead of the waiting rank's
+gloo traceback; a worker whose launcher died stops instead of training on unsupervised; and
+a multi-node run checks that every node sees the one run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+from dist_train.errors import DistTrainError, first_line
+from dist_train.launch.env import DistEnv, restart_count
+
+PHASES = {  # in the order a step goes through them
+    "start-up": "starting up",
+    "data": "loading data",
+    "forward/backward": "in forward/backward (the gradient all-reduce)",
+    "optimizer": "in the optimizer step",
+    "log": "logging (the loss all-reduce)",
+    "checkpoint": "saving a checkpoint",
+    "evaluation": "evaluating",
+}
+POST_EVERY_S = 0.5
+FAILED = "failed"  # store key: some rank failed; the others must not linger
+STORE_TIMEOUT_S = 2.0  # after a failure: node 0's store answers at once, or is out of reach
+SILENT_S = 1.5  # no post for this long (3 posting periods): the rank, or the way to it, is gone
+FAILED_GRACE_S = 3.0  # time for a rank to fail on its own (and say why) before it is ended
+# What gloo and NCCL say when a peer does not answer in time or went away.
+PEER_TROUBLE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+class Progress:
+    """Where this rank is. The loop replaces one tuple (free, and never half-written); the
+    watch thread reads it."""
+
+    def __init__(self) -> None:
+        self.at: tuple[int, int, str, float] = (0, 0, "start-up", time.monotonic())
+
+    def enter(self, phase: str, step: int, micro: int = 0) -> None:
+        self.at = (step, micro, phase, time.monotonic())
+
+    def report(self, seq: int) -> Report:
+        step, micro, phase, since = self.at
+        return Report(step, micro, phase, time.monotonic() - since, seq)
+
+
+@dataclass(frozen=True)
+class Report:
+    """A rank's progress as posted: durations measured on its own clock (nodes' clocks
+    differ), and a sequence number that grows with every post (a heartbeat)."""
+
+    step: int
+    micro: int
+    phase: str
+    seconds: float  # in this phase
+    seq: int
+
+    def position(self) -> tuple[int, int, int]:
+        return self.step, self.micro, list(PHASES).index(self.phase)
+
+    def describe(self) -> str:
+        return f"{PHASES[self.phase]} at step {self.step + 1} (for {self.seconds:.0f} s)"
+
+
+def _store(timeout_s: float) -> dist.Store | None:
+    """A client of the store torchrun's agent serves to its workers; None outside torchrun."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        return None
+    store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=timeout_s))
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "run")
+    return dist.PrefixStore(f"dist_train/progress/{run}/{restart_count()}", store)
+
+
+class Watch:
+    """A daemon thread: posts this rank's progress when it changes, and ends the process
+    when its parent (torchrun's agent, inside `dist-train`'s launcher) is gone."""
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env, self.progress = env, Progress()
+        self._parent = os.getppid()
+        self.leaving = False  # set once this rank's loop has ended, however: never cut short
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dist-train-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        store, seq = None, 0
+        while not self._stop.wait(POST_EVERY_S):
+            if os.getppid() != self._parent:  # re-parented: the launcher was killed
+                print(
+                    f"dist-train: rank {self.env.rank}: the launcher (pid {self._parent}) is "
+                    "gone; stopping this worker",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(1)
+            p = self.progress
+            try:
+                store = store or _store(timeout_s=10)
+                if store is not None:  # None: no torchrun store to post to
+                    seq += 1
+                    store.set(str(self.env.rank), json.dumps(asdict(p.report(seq))))
+                    if not self.leaving and store.check([FAILED]):
+                        self._end_if_stuck()
+            except Exception:  # not up yet, or gone: try again; the parent check goes on
+                store = None
+
+    def _end_if_stuck(self) -> None:
+        """A peer failed and said why. This rank gets a moment to fail on its own; if its loop
+        is still where it was, it is stuck (in its own code: the agent's SIGTERM would only ask
+        it to stop at a log step it never reaches) and ends here."""
+        where = self.progress.at
+        if self._stop.wait(FAILED_GRACE_S) or self.leaving or self.progress.at != where:
+            return
+        print(
+            f"dist-train: rank {self.env.rank}: another rank failed while this one was "
+            f"{self.progress.report(0).describe()}; stopping it",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+    def failed(self) -> None:
+        """Tell the other ranks this one failed (and printed why): a rank stuck in its own
+        code, which would ignore the agent's SIGTERM (a stop request), ends promptly."""
+        try:
+            store = _store(timeout_s=STORE_TIMEOUT_S)
+            if store is not None:
+                store.set(FAILED, str(self.env.rank))
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        # Not left inside a store call while the interpreter shuts down (it can abort there).
+        self._thread.join(timeout=2)
+
+    def explain(self, error: BaseException, timeout_s: float, run_dir: Path) -> BaseException:
+        """A peer failure as one line naming the rank(s) behind, their step and phase; the
+        traceback goes to RUN_DIR/logs. Other errors come back unchanged."""
+        if not any(word in str(error).lower() for word in PEER_TROUBLE):
+            return error
+        log = run_dir / "logs" / f"rank_{self.env.rank}.traceback.txt"
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("".join(traceback.format_exception(error)))
+        except OSError:
+            log = Path("(not written)")
+        me = self.progress.report(0)
+        try:
+            store = _store(timeout_s=STORE_TIMEOUT_S)
+        except Exception:  # node 0's store is out of reach too
+            store = None
+        first = read_progress(store, self.env.world_size, exclude=self.env.rank)
+        if first:
+            time.sleep(SILENT_S)  # a rank that posts nothing meanwhile is gone, or cut off
+        others = read_progress(store, self.env.world_size, exclude=self.env.rank) if first else {}
+        silent = {r: p for r, p in others.items() if r in first and first[r].seq == p.seq}
+        behind = {
+            r: p for r, p in others.items() if r not in silent and p.position() < me.position()
+        }
+        waited = f"rank {self.env.rank} waited {PHASES[me.phase]} at step {me.step + 1}"
+        names = [
+            f"rank {r} stopped reporting (its process, its node or the network to it is "
+            f"gone; it was last {p.describe()})"
+            for r, p in sorted(silent.items())
+        ] + [f"rank {r} is {p.describe()}" for r, p in sorted(behind.items())]
+        if names:
+            text = f"{'; '.join(names)} while {waited} (parallel.timeout_s={timeout_s:g})"
+        elif others:
+            text = (
+                f"every rank that reports is as far as this one ({waited}), yet the "
+                "collective did not complete: the network between the workers failed, or a "
+                f"rank is stuck inside it ({first_line(error)})"
+            )
+        else:  # not even the store (on node 0) answers: this node is cut off
+            text = (
+                f"{waited} and cannot reach the rendezvous store on node 0 either: the network "
+                f"from this node failed ({first_line(error)})"
+            )
+        failure = DistTrainError(f"{text}; traceback in {log}")
+        # The waiting ranks of a node find the same laggards: the lowest-numbered speaks (each
+        # node's launcher prints to its own terminal, so one per node).
+        node = self.env.rank // self.env.local_world_size
+        here = range(node * self.env.local_world_size, (node + 1) * self.env.local_world_size)
+        first_waiting = min(set(here) - set(behind) - set(silent), default=self.env.rank)
+        failure.quiet = self.env.rank != first_waiting  # type: ignore[attr-defined]
+        return failure
+
+
+def read_progress(store: dist.Store | None, world_size: int, exclude: int) -> dict[int, Report]:
+    """The other ranks' last posted progress; nothing for a rank that never posted, and
+    nothing at all when the store cannot be reached (it lives on node 0)."""
+    if store is None:
+        return {}
+    try:
+        keys = [str(rank) for rank in range(world_size) if rank != exclude]
+        posted = [key for key in keys if store.check([key])]
+        values = store.multi_get(posted) if posted else []
+        return {int(k): Report(**json.loads(v)) for k, v in zip(posted, values, strict=True)}
+    except Exception:  # the store went too: the caller says so
+        return {}
+
+
+def check_shared_run_dir(run_dir: Path, env: DistEnv) -> None:
+    """Several nodes must share one run directory: rank 0 writes a token there and every rank
+    must read it back. Node-local directories would train to the end and then lose the run
+    in the first save. Collective; nothing stays behind."""
+    if env.local_world_size >= env.world_size:  # one node: one filesystem
+        return
+    token = [secrets.token_hex(8) if env.is_main else ""]
+    dist.broadcast_object_list(token)
+    path = run_dir / f".shared-check-{token[0]}"
+    if env.is_main:
+        path.write_text(token[0])
+    dist.barrier()
+    try:
+        seen = env.is_main or path.read_text() == token[0]
+    except OSError:
+        seen = False
+    views: list[tuple[int, str, bool]] = [(0, "", True)] * env.world_size
+    dist.all_gather_object(views, (env.rank, socket.gethostname(), seen))
+    if env.is_main:
+        path.unlink(missing_ok=True)
+    blind = [(rank, host) for rank, host, ok in views if not ok]
+    if blind:
+        ranks = ", ".join(f"rank {rank} on {host}" for rank, host in blind)
+        error = DistTrainError(
+            f"train.run_dir={str(run_dir)!r}: {ranks} cannot see what rank 0 wrote there; "
+            "every node must reach one shared directory (e.g. on NFS or Lustre) at this path"
+        )
+        error.on_every_rank = True  # type: ignore[attr-defined]
+        raise error

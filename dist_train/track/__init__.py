@@ -1,0 +1,1 @@
+"""What a run reports while it runs: metric records, the console, experiment trackers."""

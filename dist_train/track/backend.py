@@ -1,0 +1,36 @@
+"""What every destination of metrics records offers (`Backend`, `Tracker`), and the scalars a
+tracker plots. Each tracker module imports this, never the module that builds them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+
+class Backend(Protocol):
+    """One destination of metrics records (metrics.jsonl, the console, a tracker)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One metrics record: `step` and any other keys (not a fixed list)."""
+
+    def close(self, finished: bool) -> None:
+        """`finished`: the run reached train.max_steps (else it stopped or failed)."""
+
+
+class Tracker(Backend, Protocol):
+    """An experiment tracker, on rank 0 only; the hyperparameters go in at construction."""
+
+    run_id: str | None  # kept in RUN_DIR/trackers.json for a resume to continue (None: nothing)
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The record's finite numbers, without `step`: what trackers plot. None and NaN/inf are
+    left out here (metrics.jsonl writes them as null and names them in `nonfinite`)."""
+    return {
+        key: float(value)
+        for key, value in record.items()
+        if key != "step"
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    }

@@ -1,0 +1,155 @@
+"""Builds a Trainer from config: data, model (the same init on every rank), optimizer,
+checkpointer, logger; resumes from a checkpoint and writes the resolved config."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_train.checkpoint.checkpointer import Checkpointer
+from dist_train.checkpoint.export import init_model
+from dist_train.checkpoint.files import read_manifest, resolve_resume
+from dist_train.checkpoint.train_state import TrainState
+from dist_train.config.load import save_config
+from dist_train.config.schema import RunConfig, accumulation_steps
+from dist_train.data.build import build_data
+from dist_train.data.datasets import Data
+from dist_train.launch.env import DistEnv
+from dist_train.launch.signals import StopRequest
+from dist_train.launch.watch import Progress
+from dist_train.models.protocol import flops_per_token, fsdp_units
+from dist_train.models.registry import build_model
+from dist_train.parallel.precision import Precision
+from dist_train.parallel.wrap import wrap_model
+from dist_train.track.metrics import MetricsLogger, peak_flops, trim_metrics
+from dist_train.track.trackers import build_trackers
+from dist_train.train.evaluation import known_metric_names
+from dist_train.train.optim import build_optimizer, decay_horizon
+from dist_train.train.selection import check_watched
+from dist_train.train.trainer import Trainer
+
+
+def with_schedule_horizon(cfg: RunConfig, saved: dict[str, Any] | None) -> RunConfig:
+    """The config with optim.decay_steps resolved: as set, else the checkpoint's horizon (a
+    resume never re-stretches the schedule), else this run's max_steps. The resolved value is
+    what config.yaml and every manifest record."""
+    if cfg.optim.decay_steps:
+        horizon = cfg.optim.decay_steps
+    elif saved is not None:
+        optim, train = saved["config"]["optim"], saved["config"]["train"]
+        horizon = decay_horizon_from(optim, train)
+    else:
+        horizon = decay_horizon(cfg.optim, cfg.train.max_steps)
+    return replace(cfg, optim=replace(cfg.optim, decay_steps=horizon))
+
+
+def decay_horizon_from(optim: dict[str, Any], train: dict[str, Any]) -> int:
+    """A manifest's horizon (manifests written before decay_steps existed used max_steps)."""
+    return int(optim.get("decay_steps") or train["max_steps"])
+
+
+def resume_notes(cfg: RunConfig, saved: dict[str, Any]) -> list[str]:
+    """One line for each setting that a resume continues differently than a user may expect."""
+    notes = []
+    if cfg.optim.schedule == "cosine" and cfg.optim.decay_steps < cfg.train.max_steps:
+        notes.append(
+            f"lr schedule: the cosine keeps its horizon of {cfg.optim.decay_steps} steps "
+            f"(train.max_steps is now {cfg.train.max_steps}): steps after it run at "
+            f"optim.min_lr={cfg.optim.min_lr:g}; set optim.decay_steps to choose another"
+        )
+    before = saved["config"]["precision"]["dtype"]
+    if before != cfg.precision.dtype:
+        notes.append(
+            f"precision.dtype: {before} -> {cfg.precision.dtype}"
+            + ("; fp16 starts a fresh loss scaler" if cfg.precision.dtype == "fp16" else "")
+        )
+    return notes
+
+
+def flops_for_mfu(cfg: RunConfig, env: DistEnv, data: Data, model: nn.Module) -> float | None:
+    """Training FLOPs per token for the `mfu` metric (the model's own figure, else counted on
+    two training samples), or None without counting where no mfu is reported: data without
+    tokens, or a device without a known peak. Moves the model to the run's device."""
+    tokens = data.spec.tokens_per_sample
+    if not tokens or peak_flops(cfg.log, env.device, cfg.precision.dtype) is None:
+        return None
+    inputs, _ = data.train.get_batch(torch.arange(min(2, len(data.train))))
+    inputs = inputs.to(env.device)
+    return flops_per_token(model.to(env.device), inputs, len(inputs) * tokens)
+
+
+def build_trainer(
+    cfg: RunConfig,
+    env: DistEnv,
+    stop: StopRequest | None = None,
+    progress: Progress | None = None,
+) -> Trainer:
+    """Data, model (same init on every rank), optimizer, logger; writes the resolved config.
+    The caller owns the run directory (see `dist_train.launch.rundir`); `stop` receives its signals
+    and `progress` is what its peers read when one of them waits in vain."""
+    accumulation_steps(cfg, env.world_size)  # fail on a bad batch split before touching anything
+    data = build_data(cfg)
+    check_watched(cfg, data.val is not None, known_metric_names(cfg, data.spec))
+    resume_from = resolve_resume(cfg)
+    saved = read_manifest(resume_from) if resume_from is not None else None
+    cfg = with_schedule_horizon(cfg, saved)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, data.spec)
+    init_model(model, None if resume_from else cfg.model.init_from, list(cfg.model.freeze))
+    flops = flops_for_mfu(cfg, env, data, model)  # before compile and wrapping: one plain pass
+    if cfg.train.compile:
+        # In place (module.compile), so parameter names and checkpoints stay the same; per
+        # block where the model has blocks, which is also what FSDP2 shards.
+        for unit in fsdp_units(model) or [model]:
+            unit.compile()
+    model = wrap_model(model, cfg.parallel, cfg.precision, env)
+    # Different dropout masks per rank, reproducible per rank.
+    torch.manual_seed(cfg.train.seed + env.rank)
+    optimizer = build_optimizer(cfg.optim, model)
+    precision = Precision(cfg.precision, env.device)
+    checkpointer = Checkpointer(cfg, env, model, optimizer, precision)
+    state = TrainState()
+    if resume_from is not None:  # before anything is written: a bad checkpoint touches nothing
+        checkpointer.load(resume_from, state)
+        checkpointer.check_verified()  # its checksums, hashed from the page cache after the load
+    run_dir, moved = Path(cfg.train.run_dir), 0
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        # One lineage: records past the resumed step belong to the attempt that was cut short.
+        moved = trim_metrics(run_dir, state.step)
+    # Rank 0 only, and not for a run that is done already (nothing to track).
+    trackers = (
+        build_trackers(cfg, run_dir, state.step if resume_from is not None else None)
+        if env.is_main and state.step < cfg.train.max_steps
+        else []
+    )
+    logger = MetricsLogger(
+        run_dir if env.is_main else None, cfg.log, cfg.train.max_steps, trackers=trackers
+    )
+    if env.is_main and moved:
+        logger.print(
+            f"metrics.jsonl: moved {moved} record(s) after step {state.step} (from the "
+            "interrupted attempt) to metrics.discarded.jsonl"
+        )
+    if resume_from is not None and saved is not None:
+        logger.print(f"resumed from {resume_from} at step {state.step}")
+        for note in resume_notes(cfg, saved):
+            logger.print(f"note: {note}")
+    return Trainer(
+        cfg,
+        env,
+        data,
+        model,
+        optimizer,
+        precision,
+        checkpointer,
+        state,
+        logger,
+        stop or StopRequest(),
+        progress or Progress(),
+        flops_per_token=flops,
+    )

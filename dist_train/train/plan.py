@@ -1,0 +1,118 @@
+"""What a run will do, computed before any process starts: batch split, model size, memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dist_train.checkpoint.files import check_compatible, check_files, read_manifest, resolve_resume
+from dist_train.config.schema import RunConfig, accumulation_steps, micro_batch_size
+from dist_train.data.build import build_data
+from dist_train.models.registry import build_model, count_parameters
+from dist_train.parallel.wrap import resolve_strategy
+
+
+@dataclass
+class Plan:
+    world_size: int
+    device: str
+    backend: str
+    strategy: str
+    micro_batch_size: int
+    accumulation_steps: int
+    global_batch_size: int
+    train_samples: int
+    val_samples: int
+    parameters: int
+    optimizer_state_bytes: int
+    resume_from: str | None = None  # the checkpoint a run would continue from
+    resume_step: int = 0
+    notes: list[str] = field(default_factory=list)  # conditions the user should know about
+
+    @property
+    def state_bytes_per_rank(self) -> float:
+        """fp32 weights + fp32 grads + optimizer state on one rank, before activations: FSDP
+        shards all three over the workers, DDP and a single process hold them whole."""
+        total = self.parameters * (8 + self.optimizer_state_bytes)
+        return total / self.world_size if self.strategy == "fsdp" else total
+
+    def format(self) -> str:
+        gib = self.state_bytes_per_rank / 2**30
+        return "\n".join(
+            [
+                "plan:",
+                f"  world_size: {self.world_size} ({self.backend} on {self.device}, strategy {self.strategy})",
+                f"  global_batch_size: {self.global_batch_size} = micro_batch_size {self.micro_batch_size}"
+                f" x accumulation_steps {self.accumulation_steps} x world_size {self.world_size}",
+                f"  data: {self.train_samples} train / {self.val_samples} validation samples",
+                f"  parameters: {self.parameters:,} ({self.parameters / 1e6:.2f} M)",
+                f"  memory per rank (weights, grads, optimizer state): {gib:.3f} GiB + activations",
+                f"  resume: {f'step {self.resume_step} from {self.resume_from}' if self.resume_from else 'fresh start'}",
+                *(f"  note: {note}" for note in self.notes),
+            ]
+        )
+
+
+def device_kind(cfg: RunConfig) -> str:
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.train.device
+
+
+def build_plan(cfg: RunConfig, world_size: int) -> Plan:
+    """Validates everything that would otherwise fail inside the workers: batch split, data,
+    model construction. The model is built on the meta device, so size costs no memory."""
+    accum = accumulation_steps(cfg, world_size)
+    strategy = resolve_strategy(cfg.parallel, world_size)
+    data = build_data(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg.model, data.spec)
+    device = device_kind(cfg)
+    resume_from = resolve_resume(cfg)
+    resume_step, saved_world = 0, None
+    if resume_from is not None:  # the checks workers would make, once and before they start
+        manifest = read_manifest(resume_from)
+        check_compatible(cfg, manifest, resume_from)
+        check_files(manifest, resume_from)
+        resume_step, saved_world = manifest["step"], manifest.get("world_size")
+    return Plan(
+        world_size,
+        device,
+        "nccl" if device == "cuda" else "gloo",
+        strategy,
+        micro_batch_size(cfg, world_size),
+        accum,
+        cfg.train.global_batch_size,
+        len(data.train),
+        len(data.val) if data.val is not None else 0,
+        count_parameters(model),
+        4 if cfg.optim.name == "sgd" else 8,
+        str(resume_from) if resume_from else None,
+        resume_step,
+        dropout_notes(cfg, world_size, accum, saved_world),
+    )
+
+
+def dropout_notes(
+    cfg: RunConfig, world_size: int, accum: int, saved_world: int | None
+) -> list[str]:
+    """Exactness across world sizes and accumulation holds only without dropout: each rank (and
+    each micro-batch) draws its own masks, so the training differs by sampling noise."""
+    dropout = cfg.model.dropout if not cfg.model._target_ else 0.0
+    if dropout <= 0:
+        return []
+    notes = []
+    if world_size > 1 or accum > 1:
+        notes.append(
+            f"model.dropout={dropout:g}: each rank draws its own dropout masks, so this "
+            "run matches 1 worker without accumulation only statistically, not to "
+            "float tolerance (set model.dropout=0 for exact equivalence)"
+        )
+    if saved_world is not None and saved_world != world_size:
+        notes.append(
+            f"model.dropout={dropout:g}: the checkpoint was written by {saved_world} "
+            f"worker(s), this run has {world_size}; the data order continues unchanged "
+            "but the dropout random streams start anew"
+        )
+    return notes

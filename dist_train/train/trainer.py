@@ -1,0 +1,333 @@
+"""The training loop: a few short methods over objects built from config."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_train.checkpoint.checkpointer import Checkpointer
+from dist_train.checkpoint.train_state import TrainState
+from dist_train.config.schema import RunConfig, accumulation_steps, micro_batch_size
+from dist_train.data.datasets import Data, DataSpec
+from dist_train.data.loader import BatchLoader
+from dist_train.errors import NonFiniteError
+from dist_train.launch.env import DistEnv, all_reduce_mean
+from dist_train.launch.signals import Preempted, StopRequest
+from dist_train.launch.watch import Progress
+from dist_train.models.protocol import logits_of
+from dist_train.parallel.precision import Precision
+from dist_train.parallel.wrap import grad_sync, unwrap
+from dist_train.track.metrics import MetricsLogger, mfu, peak_flops, peak_memory
+from dist_train.train.evaluation import build_metrics, evaluate
+from dist_train.train.nonfinite import (
+    check_finite_before_save,
+    check_logged_loss,
+    last_good,
+    loss_scale_warning,
+)
+from dist_train.train.optim import clip_and_measure, lr_at, set_lr
+from dist_train.train.sampling import end_of_run_sample
+from dist_train.train.selection import Watches
+
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+def build_loss(spec: DataSpec) -> LossFn:
+    """The task's loss of a model's output (a tensor, or an object holding `logits`, as
+    transformers models return). LM targets come shifted from the data already, so a
+    transformers model is never given `labels=` (it would shift them again)."""
+    if spec.task == "lm":
+        return lambda out, y: F.cross_entropy(logits_of(out).flatten(0, 1), y.flatten())
+    if spec.task == "regression":
+        return lambda out, y: F.mse_loss(logits_of(out), y)
+    return lambda out, y: F.cross_entropy(logits_of(out), y)
+
+
+@dataclass
+class FitResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> mean train loss of interval
+    val_losses: dict[int, float] = field(default_factory=dict)
+    val_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> val/...
+    sample: str | None = None
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        env: DistEnv,
+        data: Data,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        precision: Precision,
+        checkpointer: Checkpointer,
+        state: TrainState,
+        logger: MetricsLogger,
+        stop: StopRequest,
+        progress: Progress,
+        flops_per_token: float | None = None,
+    ) -> None:
+        """`flops_per_token`: training FLOPs per token for the `mfu` metric (see
+        `build.flops_for_mfu`; counted before wrapping), None for no mfu."""
+        self.cfg, self.env, self.data, self.model = cfg, env, data, model
+        self.optimizer, self.precision, self.checkpointer = optimizer, precision, checkpointer
+        self.state, self.logger, self.stop, self.progress = state, logger, stop, progress
+        self.loss_fn = build_loss(data.spec)
+        self.metrics = build_metrics(cfg, data.spec)
+        self.watches = Watches(cfg, state.watches)
+        self.accum = accumulation_steps(cfg, env.world_size)
+        self.micro_batch_size = micro_batch_size(cfg, env.world_size)
+        batch, seed = cfg.train.global_batch_size, cfg.train.seed
+        self.train_batches = BatchLoader(
+            data.train, batch, seed, env, self.micro_batch_size, cfg.data
+        )
+        self.val_batches = (
+            BatchLoader(data.val, batch, seed, env, self.micro_batch_size, cfg.data, "val")
+            if data.val is not None
+            else None
+        )
+        peak = peak_flops(cfg.log, env.device, cfg.precision.dtype)
+        self._mfu_inputs = (flops_per_token, peak) if flops_per_token and peak else None
+        # Loss summed on the device between log steps: no host sync on steps that do not log.
+        self._interval_loss = torch.zeros((), device=env.device)
+        self._interval_wait = 0.0  # seconds the step waited for its batches (host clock)
+        # on_nonfinite=skip: updates dropped (in total, in a row, in this log interval).
+        self.skip_nonfinite = cfg.train.on_nonfinite == "skip"
+        self.nonfinite_skips, self._skips_in_a_row, self._interval_skips = 0, 0, 0
+        self._warned_scale = False
+        self.stopping = False  # some rank was asked to stop: known alike on all at log steps
+
+    def train_step(self, step: int, measure_norm: bool) -> torch.Tensor | None:
+        """One optimizer step over this rank's slice of the global batch, in micro-batches."""
+        set_lr(self.optimizer, lr_at(step, self.cfg.optim, self.cfg.optim.decay_steps))
+        before = self._interval_loss.clone() if self.skip_nonfinite else None
+        for i in range(self.accum):
+            self.progress.enter("data", step, i)
+            waiting_since = time.perf_counter()
+            x, y = self.train_batches.get(step, i)
+            self._interval_wait += time.perf_counter() - waiting_since
+            self.progress.enter("forward/backward", step, i)
+            with grad_sync(self.model, enabled=i == self.accum - 1):
+                with self.precision.autocast():
+                    loss = self.loss_fn(self.model(x), y)
+                    if self.accum > 1:  # mean over the rank's whole slice, not one micro-batch
+                        loss = loss / self.accum
+                self.precision.backward(loss)
+            self._interval_loss += loss.detach()
+        self.progress.enter("optimizer", step)
+        self.precision.unscale_(self.optimizer)
+        norm = clip_and_measure(
+            self.model,
+            self.cfg.optim.grad_clip,
+            measure_norm or self.precision.needs_grad_norm or self.skip_nonfinite,
+        )
+        if before is not None and self._skipped(norm, before, step):  # type: ignore[arg-type]
+            if self.precision.scaler:  # it skips the update itself, and lowers the scale
+                self.precision.step(self.optimizer, norm)
+        else:
+            self.precision.step(self.optimizer, norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _skipped(self, norm: torch.Tensor, before: torch.Tensor, step: int) -> bool:
+        """on_nonfinite=skip: drop an update whose gradients are not finite. The global norm is
+        the same on every rank (DDP/FSDP reduce it), so all ranks decide alike, at the price of
+        one host sync per step that only this mode pays."""
+        if torch.isfinite(norm).item():
+            self._skips_in_a_row = 0
+            return False
+        self._interval_loss.copy_(before)  # the interval's loss is the mean of applied steps
+        self.nonfinite_skips += 1
+        self._interval_skips += 1
+        self._skips_in_a_row += 1
+        if self._skips_in_a_row > self.cfg.train.max_nonfinite_skips:
+            raise NonFiniteError(
+                f"train.on_nonfinite=skip: {self._skips_in_a_row} updates in a row had "
+                f"non-finite gradients, the last at step {step + 1} "
+                f"(train.max_nonfinite_skips={self.cfg.train.max_nonfinite_skips}); "
+                + last_good(self.checkpointer.root)
+            )
+        return True
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Validation metrics (`val/loss`, ...): see evaluation.py."""
+        if self.val_batches is None:
+            return None
+        self.progress.enter("evaluation", self.state.step - 1)
+        return evaluate(
+            unwrap(self.model), self.val_batches, self.metrics, self.cfg, self.precision, self.env
+        )
+
+    def maybe_log(
+        self,
+        norm: torch.Tensor | None,
+        interval: tuple[int, float],
+        result: FitResult,
+        start: float,
+    ) -> bool:
+        """At log steps: reduce the interval's loss over ranks (every rank joins) and write.
+        The same all-reduce carries whether any rank was asked to stop (SIGTERM/SIGUSR1), so
+        all ranks stop at the same step at no cost to the steps in between."""
+        step, (last_step, last_time) = self.state.step, interval
+        if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps:
+            return False
+        self.progress.enter("log", step - 1)
+        applied = step - last_step - self._interval_skips  # on_nonfinite=skip drops some
+        flags = [1.0 if self.stop.signum else 0.0, self._interval_wait]
+        side = torch.tensor(flags, device=self.env.device)
+        total, anyone, wait = all_reduce_mean(
+            torch.cat([self._interval_loss.view(1), side]), self.env
+        ).tolist()
+        self.stopping = anyone > 0
+        loss = total / applied if applied else None  # None: every update was skipped
+        self._interval_loss.zero_()
+        self._interval_skips, self._interval_wait = 0, 0.0
+        now, steps = time.perf_counter(), step - last_step
+        samples_per_sec = steps * self.cfg.train.global_batch_size / (now - last_time)
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": lr_at(step - 1, self.cfg.optim, self.cfg.optim.decay_steps),
+            "grad_norm": None if norm is None else norm.item(),
+            "samples_per_sec": samples_per_sec,
+            "tokens_per_sec": (
+                samples_per_sec * self.data.spec.tokens_per_sample
+                if self.data.spec.tokens_per_sample
+                else None
+            ),
+            "elapsed_sec": now - start,
+            "step_sec": (now - last_time) / steps,
+            "data_wait_sec": wait / steps,  # of step_sec, mean over ranks: loading not hidden
+            **self.precision.log_fields(),
+            **peak_memory(self.env.device),
+        }
+        if self._mfu_inputs and record["tokens_per_sec"]:
+            record["mfu"] = mfu(record["tokens_per_sec"], *self._mfu_inputs, self.env.world_size)
+        if self.skip_nonfinite:
+            record["nonfinite_skips"] = self.nonfinite_skips
+        if loss is not None:
+            result.losses[step] = loss
+        self.logger.log(record)
+        self._check_logged(record, last_step)
+        return True
+
+    def _check_logged(self, record: dict[str, Any], last_step: int) -> None:
+        check_logged_loss(record, last_step, self.cfg.train.on_nonfinite, self.checkpointer.root)
+        warning = loss_scale_warning(record, self.cfg.precision.warn_loss_scale)
+        if warning and not self._warned_scale:
+            self.logger.print(warning)
+        self._warned_scale = self._warned_scale or warning is not None
+
+    def maybe_evaluate(self, result: FitResult) -> dict[str, float] | None:
+        every, step = self.cfg.train.eval_every, self.state.step
+        if step != self.cfg.train.max_steps and not (every > 0 and step % every == 0):
+            return None
+        values = self.evaluate()
+        if values is not None:
+            result.val_losses[step] = values["val/loss"]
+            result.val_metrics[step] = values
+            self.logger.log({"step": step, **values})
+        return values
+
+    def maybe_checkpoint(self, now: bool = False) -> None:
+        """Periodic saves (async if configured), `now` (a new best), and the last one (the end
+        of the run or an early stop), always synchronous."""
+        ckpt, step = self.cfg.checkpoint, self.state.step
+        self.checkpointer.poll()
+        if not ckpt.enabled:
+            return
+        final = step == self.cfg.train.max_steps or self.state.stopped_early
+        if final or now or (ckpt.every_steps and step % ckpt.every_steps == 0):
+            self._save(blocking=final)
+
+    def _save(self, blocking: bool) -> None:
+        self.progress.enter("checkpoint", self.state.step - 1)
+        check_finite_before_save(
+            unwrap(self.model),
+            self._interval_loss,
+            self.env,
+            self.state.step,
+            self.checkpointer.root,
+        )
+        self.checkpointer.save(self.state, blocking=blocking)
+
+    def _preempted(self) -> Preempted:
+        """Every rank, at the same (log) step: save, unless this step's save is already under
+        way (then finish it), and report."""
+        saved = None
+        if self.cfg.checkpoint.enabled:
+            if self.checkpointer.saved_step == self.state.step:
+                self.checkpointer.wait()
+            else:
+                self._save(blocking=True)
+            saved = str(self.checkpointer.root / f"step_{self.state.step:07d}")
+        return Preempted(self.stop.signum, self.state.step, saved)
+
+    def fit(self) -> FitResult:
+        result = FitResult()
+        if self.state.stopped_early:
+            self.logger.print(
+                f"done already: {self.cfg.train.run_dir} stopped early at step "
+                f"{self.state.step} (train.early_stopping); start over with train.overwrite=true"
+            )
+            return result
+        if self.state.step >= self.cfg.train.max_steps:
+            self.logger.print(
+                f"done already: {self.cfg.train.run_dir} holds a checkpoint at step "
+                f"{self.state.step} (train.max_steps={self.cfg.train.max_steps}); "
+                "raise train.max_steps to train further"
+            )
+            return result
+        self.model.train()
+        start = time.perf_counter()
+        interval = (self.state.step, start)
+        while self.state.step < self.cfg.train.max_steps:
+            step = self.state.step
+            logging_now = (step + 1) % self.cfg.log.every_steps == 0
+            norm = self.train_step(step, measure_norm=logging_now)
+            self.state.step += 1
+            self.state.samples_seen += self.cfg.train.global_batch_size
+            if self.maybe_log(norm, interval, result, start):
+                interval = (self.state.step, time.perf_counter())
+            self.logger.bar(self.state.step)  # the bar shows the last logged loss
+            if self.stopping and self.state.step < self.cfg.train.max_steps:
+                raise self._preempted()
+            # Evaluate before saving: the checkpoint then holds what this evaluation decided
+            # (best so far, early stopping), and a resume decides as an uninterrupted run.
+            values = self.maybe_evaluate(result)
+            new_best = values is not None and self.watches.update(values, self.state)
+            self.maybe_checkpoint(now=new_best)
+            if self.state.stopped_early:
+                self.logger.print(self.watches.early_stop_line(self.state.step))
+                break
+        result.sample = end_of_run_sample(
+            self.cfg, unwrap(self.model), self.data.spec, self.env, self.precision, self.logger
+        )
+        last = result.losses.get(self.state.step)
+        val = result.val_losses.get(self.state.step)
+        self.logger.print(
+            f"done: {self.state.step} steps in {time.perf_counter() - start:.1f} s"
+            + (f", loss {last:.4f}" if last is not None else "")
+            + (f", val/loss {val:.4f}" if val is not None else "")
+            + f"; metrics in {Path(self.cfg.train.run_dir) / 'metrics.jsonl'}"
+        )
+        return result
+
+    def close(self) -> None:
+        """Release the DDP wrapper before the process group goes: destroying a gloo group while
+        a DDP reducer still holds it aborts the process now and then (torch 2.13)."""
+        self.logger.close(finished=True if self.state.stopped_early else None)
+        self.checkpointer.close()
+        for batches in (self.train_batches, self.val_batches):
+            if batches is not None:
+                batches.close()
+        self.model = unwrap(self.model)
+        gc.collect()  # DDP's hooks form reference cycles; free it now, not at exit
