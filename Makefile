@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup train test lint gpu-check clean
+.PHONY: setup train test test-fast lint gpu-check clean
 
 setup: $(STAMP)
 
@@ -24,16 +24,24 @@ $(STAMP): pyproject.toml
 train: setup
 	$(BIN)/dist-train train configs/quickstart.yaml $(ARGS)
 
+# Every test, on all cores (tests that share a port or a folder sit in one xdist group); the 15
+# slowest are listed at the end.
 test: lint
-	$(BIN)/pytest $(ARGS)
+	$(BIN)/pytest -n auto --dist loadgroup --durations=15 $(ARGS)
 
+# The contributor's inner loop: unit and in-process tests only, no multi-process runs.
+test-fast: setup
+	$(BIN)/pytest -n auto -m "not slow and not distributed" $(ARGS)
+
+# Style, and the one-way layers of the package (pyproject.toml, [tool.importlinter]).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # On a machine with one NVIDIA GPU and a CUDA torch build: every CUDA-specific check, one JSON.
 gpu-check: setup
 	$(BIN)/python -m dist_train.gpu_check --out gpu_check.json $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs bench_results gpu_check.json .pytest_cache
+	rm -rf $(VENV) runs bench_results gpu_check.json .pytest_cache .import_linter_cache

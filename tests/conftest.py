@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import os
+
+# Before torch loads: OpenMP threads that finish a parallel region sleep instead of spinning.
+# Spinning threads of one test steal the second core from the other xdist worker (measured: two
+# concurrent quickstart runs 35 s each with spinning, 14 s with passive waits). Subprocesses
+# inherit it. Results are the same either way; only idle CPU use changes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +38,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What a rank process needs loaded: imported once by the fork server, so each rank of each
+# test starts in milliseconds instead of re-importing torch (seconds) as `spawn` does.
+PRELOAD = ["torch", "torch.distributed.checkpoint", "dist_train.train.build", "helpers"]
+
+
 def _rank_main(
-    fn: Callable[..., Any], rank: int, world_size: int, port: int, out: str, args: tuple[Any, ...]
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    out: str,
+    args: tuple[Any, ...],
+    parent: tuple[dict[str, str], str],
 ) -> None:
+    # The fork server was started with the environment and directory of the first test that
+    # used it: take this test's instead (monkeypatched variables included).
+    environ, cwd = parent
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -55,13 +81,15 @@ def _rank_main(
 def run_on_ranks(
     fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0
 ) -> list[Any]:
-    """Run `fn(*args)` on `world_size` spawned processes with torchrun's environment variables
+    """Run `fn(*args)` on `world_size` fresh processes with torchrun's environment variables
     set; return each rank's result. A rank that fails or hangs fails the test (no leftovers)."""
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    parent = (dict(os.environ), os.getcwd())
     with tempfile.TemporaryDirectory() as out:
         port = free_port()
         procs = [
-            ctx.Process(target=_rank_main, args=(fn, r, world_size, port, out, args))
+            ctx.Process(target=_rank_main, args=(fn, r, world_size, port, out, args, parent))
             for r in range(world_size)
         ]
         for p in procs:
@@ -81,11 +109,21 @@ def run_on_ranks(
 
 
 def cli(
-    *args: str, cwd: Path | None = None, timeout: float = 300.0, env: dict[str, str] | None = None
+    *args: str,
+    cwd: Path | None = None,
+    timeout: float = 300.0,
+    env: dict[str, str] | None = None,
+    real: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """The installed `dist-train` script, as a user runs it. By default from an empty temporary
-    directory: relative run directories land there, and `configs/NAME.yaml` resolves to the
-    shipped config, so no test reads or writes the checkout's own `runs/`."""
+    """`dist-train ARGS` as a user runs it, by default from an empty temporary directory:
+    relative run directories land there, and `configs/NAME.yaml` resolves to the shipped config,
+    so no test reads or writes the checkout's own `runs/`.
+
+    A single-process command runs in this process (`cli_here`): the same `main()`, streams and
+    exit status, without seconds of interpreter and torch start-up per call. `real=True`, or
+    several workers (`--nproc`/`--nnodes` above 1), runs the installed script in a subprocess."""
+    if not real and not _spawns_workers(args):
+        return cli_here(*args, cwd=cwd, env=env)
     # The checkout under test first: an editable install of another checkout (or a worktree's
     # main) must not answer for `dist_train` in the subprocess.
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
@@ -102,6 +140,85 @@ def cli(
             env=full_env,
             stdin=subprocess.DEVNULL,
         )
+
+
+def _spawns_workers(args: tuple[str, ...]) -> bool:
+    if any(word.startswith("--max-restarts") for word in args):  # torchrun's agent, even for 1
+        return True
+    for flag in ("--nproc", "--nnodes"):
+        for i, word in enumerate(args):
+            value = word.split("=", 1)[1] if word.startswith(flag + "=") else None
+            if word == flag and i + 1 < len(args):
+                value = args[i + 1]
+            if value is not None and value not in ("0", "1"):
+                return True
+    return args[:1] in (("sweep",), ("bench",))  # these start runs of their own
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+
+
+def cli_here(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `dist_train.cli.main.main(args)` in this process as if it were its own: stdout and
+    stderr captured at the file descriptors (what C code and child processes write too), and
+    the environment, directory, signal handlers and torch thread count put back afterwards."""
+    from dist_train.cli.main import main
+
+    saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in SIGNALS}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        os.environ.pop(var, None)
+    os.environ.update(env or {})
+    code: int | str | None = 0
+    streams: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="dist_train_cwd_") as scratch:
+        os.chdir(cwd or scratch)
+        try:
+            with _captured(streams):
+                main(list(args))
+        except SystemExit as e:
+            code = e.code
+        finally:
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            torch.set_num_threads(threads)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if isinstance(code, str):  # sys.exit("message") prints it, as the interpreter would
+        streams[1] += code + "\n"
+    returncode = code if isinstance(code, int) else (0 if code is None else 1)
+    return subprocess.CompletedProcess(["dist-train", *args], returncode, *streams)
+
+
+@contextmanager
+def _captured(streams: list[str]) -> Iterator[None]:
+    """File descriptors 1 and 2 (and sys.stdout/err over them) into temporary files; their
+    text is appended to `streams` on the way out, however the block ends."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved_fds, saved_streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stdout, sys.stderr = saved_streams
+            for fd, saved in zip((1, 2), saved_fds, strict=True):
+                os.dup2(saved, fd)
+                os.close(saved)
+            for f in (out, err):
+                f.seek(0)
+                streams.append(f.read().decode(errors="replace"))
 
 
 def mount_tmpfs(path: Path, options: str, why: str) -> None:
@@ -136,6 +253,16 @@ def fingerprint_changes(
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
+# xdist hands tests out in collection order. The longest start first (the quickstart as the
+# README runs it, then the other end-to-end runs), so that no long test is left running alone
+# at the end while the other core idles.
+LONGEST = "test_readme_quickstart_command"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: (item.name != LONGEST, item.get_closest_marker("slow") is None))
+
+
 @pytest.fixture(autouse=True)
 def repo_left_alone() -> Any:
     """Fails any test that touches the checkout's runs/ or bench_results/ (a user's
@@ -167,101 +294,6 @@ def clean_dist_env(monkeypatch: pytest.MonkeyPatch) -> Any:
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-class StopTraining(Exception):
-    """Raised by a test hook to cut a run short, as a crash or a kill would."""
-
-
-def train_in_process(
-    overrides: list[str], stop_at: int | None = None, config: str | Path | None = None
-) -> dict[str, Any]:
-    """Train in this process (a rank when RANK etc. are set): losses per step, full weights,
-    and what this rank stores locally. `stop_at=N` interrupts the run right after step N;
-    `config` is a YAML file under the overrides."""
-    from dist_train.config.load import load_config
-    from dist_train.launch.env import dist_session, read_env
-    from dist_train.parallel.wrap import local_numel, unwrap
-    from dist_train.train.build import build_trainer
-
-    cfg = load_config(config, overrides)
-    env = read_env(cfg.train.device)
-    with dist_session(env, timeout_s=120):
-        trainer = build_trainer(cfg, env)
-        if stop_at is not None:
-
-            def stop(module: torch.nn.Module, *_: Any) -> None:
-                if trainer.state.step == stop_at and module.training:  # not in evaluation
-                    raise StopTraining
-
-            unwrap(trainer.model).register_forward_pre_hook(stop)
-        try:
-            result = trainer.fit()
-        except StopTraining:
-            trainer.close()
-            return {"stopped_at": trainer.state.step}
-        except BaseException:
-            trainer.close()  # as the CLI does: DDP must go before its process group
-            raise
-        model = unwrap(trainer.model)
-        params = {
-            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-            for k, v in model.state_dict().items()
-        }
-        meshes = {
-            p.device_mesh.device_type for p in model.parameters() if hasattr(p, "device_mesh")
-        }
-        out = {
-            "losses": result.losses,
-            "val": result.val_losses,
-            "val_metrics": result.val_metrics,
-            "params": params,
-            "local_numel": local_numel(model),
-            "numel": sum(p.numel() for p in model.parameters()),
-            "devices": {p.device.type for p in model.parameters()},
-            "meshes": meshes,
-            "wrapper": type(trainer.model).__name__,
-            "sample": result.sample,
-        }
-        trainer.close()
-    return out
-
-
-# Small settings shared by tests that train: seconds, not minutes, on 2 cores. Each model and
-# data source has only its own keys, so the parts come apart: TINY_TEXT for any model on 32-token
-# windows of a capped text corpus (gpt or a _target_), GPT_SHAPE for the built-in gpt's size.
-TINY_RUN = ["train.device=cpu", "train.eval_batches=2", "log.progress=never"]
-TINY_TEXT = [*TINY_RUN, "model.block_size=32", "data.max_chars=100000"]
-GPT_SHAPE = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32"]
-TINY_GPT = [*TINY_TEXT, *GPT_SHAPE]
-
-# Exactness runs: fp32, no dropout, every step logged. SGD is kept on purpose: only SGD exposes a
-# gradient summed over ranks instead of averaged (Adam is nearly blind to the scale).
-STEPS = 24
-EXACT_RUN = [
-    *TINY_GPT,
-    f"train.max_steps={STEPS}",
-    "train.global_batch_size=8",
-    "log.every_steps=1",
-    "train.eval_every=12",
-    "optim.warmup_steps=3",
-    "optim.grad_clip=1.0",
-    "model.dropout=0.0",
-]
-OPTIMIZERS = {
-    "adamw": ["optim.name=adamw", "optim.lr=1e-3"],
-    "sgd": ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"],
-}
-
-
-def assert_same_training(a: dict[str, Any], b: dict[str, Any], rel: float = 1e-5) -> None:
-    """Same per-step losses, validation losses and final weights within `rel`."""
-    assert sorted(a["losses"]) == sorted(b["losses"]) and a["losses"]
-    for step in a["losses"]:
-        assert b["losses"][step] == pytest.approx(a["losses"][step], rel=rel), step
-    assert b["val"] == pytest.approx(a["val"], rel=rel)
-    for name, tensor in a["params"].items():
-        torch.testing.assert_close(b["params"][name], tensor, rtol=rel, atol=1e-6, msg=name)
 
 
 def leftover_processes(marker: str) -> list[int]:

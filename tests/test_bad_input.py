@@ -1,6 +1,8 @@
 """Every bad input a user can give is one line naming the key, value or path and what would be
-valid, exit status 2, no traceback, and nothing in the run directory changed. One table, so no
-case regresses; the README counts its rows."""
+valid, exit status 2, no traceback, and nothing in the run directory changed. One table here
+(config, command line, data, run directory) and one of bad input around an existing run
+(helpers_bad_input.py, run by test_bad_input_run.py), so no case regresses; the README counts
+their rows."""
 
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GPT_SHAPE, TINY_RUN, cli, mount_tmpfs
+from conftest import cli, mount_tmpfs
+from helpers import GPT_SHAPE
+from helpers_bad_input import RUN_CASES, TINY
 
 Setup = Callable[[Path], list[str]]
-TINY = [*TINY_RUN, "model.block_size=32", "train.max_steps=2"]
 
 
 def _none(_: Path) -> list[str]:
@@ -183,123 +186,3 @@ def test_bad_input_is_one_line_exit_2(
 def test_the_readme_counts_the_table() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"{len(CASES) + len(RUN_CASES)} kinds of bad input" in readme
-
-
-# --- bad input around an existing run: export, resume, ownership -----------------------------
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("trained") / "run"
-    proc = cli(
-        "train",
-        "configs/quickstart.yaml",
-        *TINY,
-        "train.max_steps=4",
-        "checkpoint.every_steps=2",
-        f"train.run_dir={run}",
-    )
-    assert proc.returncode == 0, proc.stderr
-    return run
-
-
-def _shard(run: Path) -> Path:
-    return next((run / "checkpoints/step_0000004").glob("*.distcp"))
-
-
-def _truncate(run: Path) -> None:
-    shard = _shard(run)
-    shard.write_bytes(shard.read_bytes()[:-100])
-
-
-def _flip(run: Path) -> None:
-    data = bytearray(_shard(run).read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    _shard(run).write_bytes(bytes(data))
-
-
-def _hold_lock(run: Path) -> None:  # a live process on this host: this test's own
-    import json
-    import os
-    import socket
-
-    (run / ".lock").write_text(
-        json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid(), "started": 0, "command": "pytest"}
-        )
-    )
-
-
-RUN_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
-    ("export to a directory", lambda run: None, ["export", "{run}", "--out", "{run}"], "--out="),
-    (
-        "export in an unknown dtype",
-        lambda run: None,
-        ["export", "{run}", "--out", "{tmp}/m.safetensors", "--dtype", "int8"],
-        "--dtype='int8'",
-    ),
-    (
-        "export of an export",
-        lambda run: (run / "m.safetensors").write_bytes(b""),
-        ["export", "{run}/m.safetensors", "--out", "{tmp}/m.safetensors"],
-        "checkpoint=",
-    ),
-    (
-        "export of a truncated shard",
-        _truncate,
-        ["export", "{run}", "--out", "{tmp}/m.safetensors"],
-        "checkpoint=",
-    ),
-    (
-        "resume from a truncated shard",
-        _truncate,
-        ["train", "{cfg}", "train.max_steps=6"],
-        "resume=",
-    ),
-    ("resume from a corrupted shard", _flip, ["train", "{cfg}", "train.max_steps=6"], "resume="),
-    (
-        "newest checkpoint damaged",
-        lambda run: (run / "checkpoints/step_0000004/.metadata").unlink(),
-        ["train", "{cfg}", "train.max_steps=6"],
-        "resume='auto'",
-    ),
-    (
-        "fresh start over an earlier run",
-        lambda run: None,
-        ["train", "{cfg}", "resume=none"],
-        "train.run_dir=",
-    ),
-    ("run directory in use", _hold_lock, ["train", "{cfg}", "train.max_steps=6"], "train.run_dir="),
-    (
-        "incompatible resume",
-        lambda run: None,
-        ["train", "{cfg}", "train.max_steps=6", "model.n_layer=3", "--nproc", "2"],
-        "resume=",
-    ),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("damage", "words", "start"), [pytest.param(d, w, s, id=n) for n, d, w, s in RUN_CASES]
-)
-def test_bad_input_around_a_run_is_one_line_exit_2(
-    damage: Callable[[Path], None], words: list[str], start: str, trained: Path, tmp_path: Path
-) -> None:
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    damage(run)
-    before = {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*")}
-    fill = {"run": str(run), "tmp": str(tmp_path), "cfg": "configs/quickstart.yaml"}
-    argv = [w.format(**fill) for w in words]
-    if argv[0] == "train":  # the case's own words come last, so they win
-        argv = [*argv[:2], *TINY, f"train.run_dir={run}", *argv[2:]]
-    proc = cli(*argv)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
-    assert len(lines) == 1 and lines[0].startswith(f"error: {start}"), proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    assert {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*")} == before
-    assert not (tmp_path / "m.safetensors").exists()

@@ -27,7 +27,8 @@ from dist_train.data.build import build_data
 from dist_train.errors import ConfigError, DistTrainError
 from dist_train.models.registry import build_model
 
-from conftest import TINY_GPT, assert_same_training, cli, run_on_ranks, train_in_process
+from conftest import cli, run_on_ranks
+from helpers import TINY_GPT, assert_same_training, train_in_process
 
 STEPS = 20
 # cosine schedule and warmup (both depend on max_steps) and dropout (needs the RNG restored)

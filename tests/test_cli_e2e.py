@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, REPO, TESTS, TINY_GPT, cli, leftover_processes, wait_for_metrics
+from conftest import CLI, REPO, TESTS, cli, leftover_processes, wait_for_metrics
+from helpers import TINY_GPT
 
 FIELDS = {"step", "loss", "lr", "grad_norm", "samples_per_sec", "tokens_per_sec", "elapsed_sec"}
 FIELDS |= {"step_sec", "data_wait_sec"}
@@ -23,7 +24,7 @@ RUN = [
     "train.max_steps=40",
     "log.every_steps=10",
     "train.eval_every=20",
-    "train.sample_chars=40",
+    "train.sample_tokens=40",
     "train.global_batch_size=8",
 ]
 
@@ -264,7 +265,7 @@ def test_readme_end_to_end_bpe_two_workers_loading_workers_sample(tmp_path: Path
         "train.global_batch_size=8",
         "train.micro_batch_size=0",
         "train.eval_every=2",
-        "train.sample_chars=8",
+        "train.sample_tokens=8",
         "log.progress=never",
         f"train.run_dir={run_dir}",
         "--nproc",

@@ -7,14 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (
-    EXACT_RUN,
-    OPTIMIZERS,
-    STEPS,
-    assert_same_training,
-    run_on_ranks,
-    train_in_process,
-)
+from conftest import run_on_ranks
+from helpers import EXACT_RUN, OPTIMIZERS, STEPS, assert_same_training, train_in_process
 
 
 @pytest.mark.distributed

@@ -15,7 +15,8 @@ from dist_train.errors import ConfigError
 from dist_train.launch.env import DistEnv, dist_session, read_env
 from dist_train.train.evaluation import ClassificationMetrics, LossMetric, MetricSums
 
-from conftest import run_on_ranks, train_in_process
+from conftest import run_on_ranks
+from helpers import train_in_process
 
 N, CLASSES = 11, 4
 LOGITS = torch.randn(N, CLASSES, generator=torch.Generator().manual_seed(3))

@@ -21,7 +21,8 @@ from dist_train.config.load import load_config
 from dist_train.errors import ConfigError
 from dist_train.models.gpt import GPT
 
-from conftest import TINY_GPT, run_on_ranks, train_in_process
+from conftest import run_on_ranks
+from helpers import TINY_GPT, train_in_process
 
 RUN = [
     *TINY_GPT,

@@ -21,7 +21,8 @@ from dist_train.errors import ConfigError
 from dist_train.models.protocol import CanSampleTokens, fsdp_units, logits_of, sampler
 from dist_train.models.registry import build_model
 
-from conftest import TINY_TEXT, assert_same_training, cli, run_on_ranks, train_in_process
+from conftest import cli, run_on_ranks
+from helpers import TINY_TEXT, assert_same_training, train_in_process
 
 hf = pytest.importorskip("transformers", reason="the hf extra is not installed")
 

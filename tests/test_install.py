@@ -36,10 +36,8 @@ def run(cmd: list[str], cwd: Path, timeout: float = 600) -> subprocess.Completed
     return proc
 
 
-@pytest.mark.slow
-def test_non_editable_install_runs_from_another_directory(tmp_path: Path) -> None:
-    venv, work = tmp_path / "venv", tmp_path / "elsewhere"
-    work.mkdir()
+def install_into_fresh_venv(tmp_path: Path, venv: Path) -> Path:
+    """`pip install .` (not editable) into a new venv at `venv`; returns its site-packages."""
     run([sys.executable, "-m", "venv", str(venv)], tmp_path)
     # The dependencies (torch ...) come from this test environment's site-packages through a
     # .pth line, so no multi-GB download; dist_train itself is built and installed for real.
@@ -60,6 +58,14 @@ def test_non_editable_install_runs_from_another_directory(tmp_path: Path) -> Non
         [str(venv / "bin/python"), "-m", "pip", "install", "--quiet", "--no-deps", str(REPO)],
         tmp_path,
     )
+    return fresh_site
+
+
+@pytest.mark.slow
+def test_non_editable_install_runs_from_another_directory(tmp_path: Path) -> None:
+    venv, work = tmp_path / "venv", tmp_path / "elsewhere"
+    work.mkdir()
+    fresh_site = install_into_fresh_venv(tmp_path, venv)
 
     where = run(
         [str(venv / "bin/python"), "-c", "import dist_train; print(dist_train.__file__)"], work
@@ -81,7 +87,7 @@ def test_non_editable_install_runs_from_another_directory(tmp_path: Path) -> Non
             "log.every_steps=10",
             "train.eval_every=0",
             "train.eval_batches=1",
-            "train.sample_chars=20",
+            "train.sample_tokens=20",
             "data.max_chars=200000",
             "log.progress=never",
         ],

@@ -15,7 +15,8 @@ from dist_train.data.loader import BatchLoader
 from dist_train.errors import ConfigError
 from dist_train.launch.env import DistEnv
 
-from conftest import TINY_GPT, cli, leftover_processes, train_in_process
+from conftest import cli, leftover_processes
+from helpers import TINY_GPT, train_in_process
 
 USER = ["data._target_=user_plugins.LineDataset", "model._target_=user_plugins.TinyRegressor"]
 

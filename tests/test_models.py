@@ -22,7 +22,7 @@ from dist_train.models.protocol import (
     sampler,
 )
 
-from conftest import TINY_TEXT, train_in_process
+from helpers import TINY_TEXT, train_in_process
 from user_plugins import PlainLM
 
 
@@ -54,7 +54,7 @@ def test_a_plain_model_trains_with_mfu_and_without_a_sample(tmp_path: Path) -> N
             "train.global_batch_size=4",
             "log.every_steps=2",
             "log.peak_tflops=0.5",
-            "train.sample_chars=10",  # asked for, but the model cannot sample: none, no error
+            "train.sample_tokens=10",  # asked for, but the model cannot sample: none, no error
             "checkpoint.enabled=false",
             f"train.run_dir={run}",
         ]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, TESTS, TINY_GPT, cli, leftover_processes
+from conftest import CLI, TESTS, cli, leftover_processes
+from helpers import TINY_GPT
 
 RUN = [
     "configs/quickstart.yaml",
@@ -24,7 +25,7 @@ RUN = [
     "model.dropout=0.0",
     "log.every_steps=2",
     "train.eval_every=0",
-    "train.sample_chars=0",
+    "train.sample_tokens=0",
     "train.global_batch_size=8",
 ]
 SUBNET = "10.213.{}.{}"

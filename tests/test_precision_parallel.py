@@ -17,15 +17,8 @@ from dist_train.models.simple import MLP
 from dist_train.parallel.wrap import resolve_strategy, wrap_model
 from dist_train.train.build import build_trainer
 
-from conftest import (
-    EXACT_RUN,
-    OPTIMIZERS,
-    STEPS,
-    TINY_GPT,
-    assert_same_training,
-    run_on_ranks,
-    train_in_process,
-)
+from conftest import run_on_ranks
+from helpers import EXACT_RUN, OPTIMIZERS, STEPS, TINY_GPT, assert_same_training, train_in_process
 
 PRECISION_RUN = [
     *TINY_GPT,
@@ -117,7 +110,7 @@ def test_none_adds_no_wrapper_and_strategy_errors() -> None:
 @pytest.mark.parametrize("optim", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
 def test_fsdp_matches_ddp_and_shards_parameters(optim: list[str], tmp_path: Path) -> None:
     """FSDP2 on 2 CPU ranks (gloo), with 2 accumulation micro-batches, equals DDP (fp32)."""
-    base = [*EXACT_RUN, *optim, "train.micro_batch_size=2", "train.sample_chars=8"]
+    base = [*EXACT_RUN, *optim, "train.micro_batch_size=2", "train.sample_tokens=8"]
     ddp = run_on_ranks(train_in_process, 2, [*base, f"train.run_dir={tmp_path}/ddp"])
     fsdp = run_on_ranks(
         train_in_process, 2, [*base, "parallel.strategy=fsdp", f"train.run_dir={tmp_path}/fsdp"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_GPT, cli, train_in_process
+from conftest import cli
+from helpers import TINY_GPT, train_in_process
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import pytest
 from dist_train.config.load import load_config
 from dist_train.errors import ConfigError
 
-from conftest import cli, run_on_ranks, train_in_process
+from conftest import cli, run_on_ranks
+from helpers import train_in_process
 
 # val/count (user_plugins.SampleCounter) is the same at every evaluation: never an improvement
 # after the first, so the best stays at the first evaluation and patience runs out on schedule.

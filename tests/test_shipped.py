@@ -11,7 +11,8 @@ from dist_train.config.load import load_config
 from dist_train.config.yaml_io import resolve_config_path, shipped_configs_dir
 from dist_train.errors import ConfigError
 
-from conftest import REPO, fingerprint_changes, run_on_ranks, train_in_process, tree_fingerprint
+from conftest import REPO, fingerprint_changes, run_on_ranks, tree_fingerprint
+from helpers import train_in_process
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 # Two steps of each config as shipped (model, data, batch split, accumulation): only the length,
@@ -21,7 +22,7 @@ SHORT = [
     "train.max_steps=2",
     "train.eval_every=0",
     "train.eval_batches=1",
-    "train.sample_chars=0",
+    "train.sample_tokens=0",
     "checkpoint.enabled=false",
     "log.progress=never",
     "log.every_steps=1",

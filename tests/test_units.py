@@ -195,7 +195,7 @@ def test_flops_per_token_and_mfu() -> None:
 
 @pytest.mark.slow
 def test_compile_trains_like_eager(tmp_path: Path) -> None:
-    from conftest import TINY_GPT, train_in_process
+    from helpers import TINY_GPT, train_in_process
 
     run = [*TINY_GPT, "train.max_steps=6", "log.every_steps=1", "train.global_batch_size=4"]
     eager = train_in_process([*run, f"train.run_dir={tmp_path}/eager"])

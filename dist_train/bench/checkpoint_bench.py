@@ -13,29 +13,38 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dist_train.bench.ckpt_io import (
-    Figures,
-    Op,
-    PlainFiles,
-    evict,
-    linear_stack,
-    measure_ops,
-    throttle_dcp_writes,
+from dist_train.bench.ckpt_io import PlainFiles, linear_stack, throttle_dcp_writes
+from dist_train.bench.ckpt_phases import (
+    ASYNC,
+    CLONE,
+    COPY,
+    DLOAD,
+    RAW_INPLACE,
+    RAW_R,
+    RAW_W,
+    SLOW_ASYNC,
+    SLOW_SYNC,
+    SYNC,
+    TLOAD,
+    TLOAD_SD,
+    TRAIN,
+    TRAIN_BG,
+    TSAVE,
+    VERIFY,
+    io_phase,
+    slow_phases,
 )
-from dist_train.bench.harness import BenchArgs, bench_config, max_over_ranks, run_workers
+from dist_train.bench.harness import BenchArgs, bench_config, run_workers
 from dist_train.bench.loops import FrameworkLoop
 from dist_train.bench.report import BenchReport, Column, machine_info
 from dist_train.bench.stats import median, ratio_summary, round_medians, summarize
 from dist_train.checkpoint.checkpointer import Checkpointer
-from dist_train.checkpoint.checksums import damaged_files
-from dist_train.checkpoint.files import complete_checkpoints, read_manifest
-from dist_train.checkpoint.train_state import TrainState
+from dist_train.checkpoint.files import complete_checkpoints
 from dist_train.config.schema import RunConfig
 from dist_train.errors import ConfigError
 from dist_train.launch.env import DistEnv
@@ -43,22 +52,6 @@ from dist_train.parallel.precision import Precision
 
 PARAMS_ENV, RATE_ENV = "DIST_TRAIN_BENCH_CKPT_PARAMS", "DIST_TRAIN_BENCH_CKPT_SLOW_MBPS"
 SLOW_PARAMS_PER_RANK = 16 * 2**20  # 64 MiB per worker: ~1.3 s per save at 50 MB/s
-SYNC, ASYNC = "dcp save (sync)", "dcp async save"
-RAW_W, RAW_INPLACE, TSAVE = (
-    "raw write+fsync (new file)",
-    "raw write+fsync (in place)",
-    "torch.save+fsync (new file)",
-)
-CLONE, COPY = "memcopy (clone)", "memcopy (into buffer)"
-DLOAD, TLOAD, TLOAD_SD, RAW_R = ("dcp load", "torch.load", "torch.load+load_state_dict", "raw read")
-# What a resume adds after the load (the pages are in the page cache by then).
-VERIFY = "checksum verify (after a load)"
-SLOW_SYNC, SLOW_ASYNC, TRAIN, TRAIN_BG = (
-    "slow dcp save (sync)",
-    "slow dcp async save",
-    "train",
-    "train + bg save",
-)
 
 
 def env_number(name: str, default: float) -> float:
@@ -96,129 +89,6 @@ def _checkpointed(
     return model, Checkpointer(cfg, env, model, optimizer, precision)
 
 
-def _async_op(ckpt: Checkpointer, steps: itertools.count[int]) -> Figures:
-    """The real async path: `save` returns once the state is staged (the blocking part), then
-    `wait` (the rest of the save and the commit) gives the total."""
-    start = time.perf_counter()
-    ckpt.save(TrainState(step=next(steps)), blocking=False)
-    blocking = time.perf_counter() - start
-    ckpt.wait()
-    return {"blocking_s": blocking}
-
-
-def _train_window(loop: FrameworkLoop, slow_save_s: float, env: DistEnv) -> int:
-    """Steps per window: half the time of a slow save, so that a background save started just
-    before the window is still running when it ends."""
-    loop.run(2)  # the first steps allocate
-    start = time.perf_counter()
-    loop.run(3)
-    step_s = max_over_ranks([(time.perf_counter() - start) / 3], env)[0]
-    return max(2, min(1000, int(0.5 * slow_save_s / step_s)))
-
-
-Times = dict[str, list[list[float]]]
-
-
-def _io_phase(
-    args: BenchArgs,
-    env: DistEnv,
-    ckpt: Checkpointer,
-    files: PlainFiles,
-    steps: itertools.count[int],
-) -> tuple[Times, dict[str, Any]]:
-    """Saves, loads and copies of the large state, all contenders interleaved."""
-    latest: list[Path] = []
-
-    def before_load() -> None:
-        latest[:] = [complete_checkpoints(ckpt.root)[-1]]
-        evict([p for p in latest[0].rglob("*") if p.is_file()])
-
-    def load_first() -> None:  # the state a resume verifies in: just loaded, pages cached
-        before_load()
-        ckpt.load(latest[0], TrainState())
-        ckpt.check_verified()
-
-    # Something to read before any round, whatever the order and even with --warmup 0.
-    ckpt.save(TrainState(step=next(steps)), blocking=True)
-    files.raw_write()
-    files.torch_save()
-    return measure_ops(
-        {
-            SYNC: Op(lambda: ckpt.save(TrainState(step=next(steps)), blocking=True)),
-            ASYNC: Op(lambda: _async_op(ckpt, steps)),
-            RAW_W: Op(files.raw_write),
-            RAW_INPLACE: Op(lambda: files.raw_write(in_place=True)),
-            TSAVE: Op(files.torch_save),
-            CLONE: Op(files.clone, finish=files.release),
-            COPY: Op(files.copy_into_buffer),
-            DLOAD: Op(
-                lambda: ckpt.load(latest[0], TrainState()),
-                prepare=before_load,
-                finish=_verified(ckpt),
-            ),
-            VERIFY: Op(
-                lambda: damaged_files(read_manifest(latest[0]), latest[0]), prepare=load_first
-            ),
-            TLOAD: Op(
-                files.torch_load, prepare=lambda: evict(files.all_files("pt")), finish=files.release
-            ),
-            TLOAD_SD: Op(
-                lambda: files.torch_load(into_model=True),
-                prepare=lambda: evict(files.all_files("pt")),
-                finish=files.release,
-            ),
-            RAW_R: Op(files.raw_read, prepare=lambda: evict(files.all_files("raw"))),
-        },
-        args,
-        env,
-    )
-
-
-def _verified(ckpt: Checkpointer) -> Any:
-    def finish() -> None:
-        ckpt.check_verified()  # untimed here: the row "checksum verify" shows its cost
-
-    return finish
-
-
-def _slow_phases(
-    args: BenchArgs,
-    env: DistEnv,
-    slow: Checkpointer,
-    loop: FrameworkLoop,
-    steps: itertools.count[int],
-) -> tuple[Times, dict[str, Any], int]:
-    """Sync and async saves to slow storage, then training with and without such a save
-    running in the background: windows of training steps, the save started just before."""
-    slow_times, slow_inner = measure_ops(
-        {
-            SLOW_SYNC: Op(lambda: slow.save(TrainState(step=next(steps)), blocking=True)),
-            SLOW_ASYNC: Op(lambda: _async_op(slow, steps)),
-        },
-        args,
-        env,
-    )
-    window = _train_window(loop, median(round_medians(slow_times[SLOW_SYNC])), env)
-
-    def train() -> None:
-        loop.run(window)
-        if env.device.type == "cuda":
-            torch.cuda.synchronize(env.device)
-
-    def tail() -> Figures:  # how long the background save ran on after the window
-        start = time.perf_counter()
-        slow.wait()
-        return {"tail_s": time.perf_counter() - start}
-
-    def start_save() -> None:
-        slow.save(TrainState(step=next(steps)), blocking=False)
-
-    train_times, train_inner = measure_ops(
-        {TRAIN: Op(train), TRAIN_BG: Op(train, prepare=start_save, finish=tail)}, args, env
-    )
-    return {**slow_times, **train_times}, {**slow_inner, **train_inner}, window
-
-
 def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
     params, rate = int(env_number(PARAMS_ENV, 1e8)), env_number(RATE_ENV, 50.0) * 1e6
     steps = itertools.count(1)  # a fresh step, hence a fresh folder, for every save
@@ -233,9 +103,9 @@ def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     files = PlainFiles(Path(args.run_dir) / "plain", model, env, ckpt.cfg.checkpoint.keep_last)
     try:
-        times, inner = _io_phase(args, env, ckpt, files, steps)
+        times, inner = io_phase(args, env, ckpt, files, steps)
         with throttle_dcp_writes(slow.root, rate):
-            slow_times, slow_inner, window = _slow_phases(args, env, slow, loop, steps)
+            slow_times, slow_inner, window = slow_phases(args, env, slow, loop, steps)
     finally:  # every group goes before the process group does, on every rank alike
         loop.close()
         slow.close()

@@ -22,24 +22,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_train.bench.harness import BenchArgs, bench_config, measure_interleaved, run_workers
-from dist_train.bench.loops import FrameworkLoop, training_settings
+from dist_train.bench.loops import training_settings
 from dist_train.bench.report import TIMING_COLUMNS, BenchReport, Column, timing_rows
 from dist_train.bench.stats import ratio_summary, round_medians
+from dist_train.bench.strategy_contender import Contender
 from dist_train.config.schema import RunConfig
 from dist_train.errors import ConfigError
 from dist_train.launch.env import DistEnv
 from dist_train.parallel.precision import DTYPES, check_supported
-from dist_train.parallel.wrap import unwrap
 
 GROUP_STRATEGIES = ("ddp", "fsdp")
 BASE = "ddp fp32"
-PROBE_STEPS = 2  # untimed steps right after a contender is built: its memory is measured there
-# (they run past the schedule bench_config sets by one step: the learning rate just stays at
-# its floor, which costs the same)
 MIB = 2**20
 
 
@@ -62,102 +57,15 @@ def _supported(dtype: str, device: torch.device) -> bool:
     return True
 
 
-def _local_bytes(t: torch.Tensor) -> int:
-    """Bytes this rank stores for `t`: its own shard when `t` is a DTensor (FSDP2)."""
-    local = t.to_local() if hasattr(t, "to_local") else t
-    return local.numel() * local.element_size()
-
-
-def _grad_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(
-        _local_bytes(p.grad)
-        for g in optimizer.param_groups
-        for p in g["params"]
-        if p.grad is not None
-    )
-
-
-def _optim_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(
-        _local_bytes(v)
-        for state in optimizer.state.values()
-        for v in state.values()
-        if isinstance(v, torch.Tensor)
-    )
-
-
-def _bucket_bytes(model: nn.Module) -> int:
-    """DDP keeps its own flat gradient buckets for the all-reduce (gradients are not views of
-    them unless `gradient_as_bucket_view`): about one more copy of the gradients. Only DDP's
-    logging data tells their sizes; 0 if a torch version stops providing it."""
-    if not isinstance(model, DDP):
-        return 0
-    try:
-        sizes = str(model._get_ddp_logging_data().get("bucket_sizes", ""))
-        return sum(int(s) for s in sizes.replace(" ", "").split(",") if s)
-    except (AttributeError, RuntimeError, ValueError):
-        return 0
-
-
-class Contender:
-    """One strategy x precision: its own Trainer, built and probed for memory right away, so
-    that nothing else runs between its build and its memory figures."""
-
-    def __init__(self, strategy: str, dtype: str, cfg: RunConfig, env: DistEnv) -> None:
-        self.strategy, self.dtype, self.env = strategy, dtype, env
-        cuda = env.device.type == "cuda"
-        if cuda:  # the other contenders' memory stays allocated: count only what this one adds
-            torch.cuda.synchronize(env.device)
-            torch.cuda.reset_peak_memory_stats(env.device)
-            before = torch.cuda.memory_allocated(env.device)
-        self.loop = FrameworkLoop(cfg, env)
-        self.grad_bytes = self._probe()
-        self.cuda_peak_bytes = (
-            (torch.cuda.max_memory_allocated(env.device) - before) if cuda else None
-        )
-
-    def _probe(self) -> int:
-        """Run the first steps untimed and read the gradients' size right before `zero_grad`
-        frees them (there they exist even when fp16's scaler skips the step)."""
-        optimizer = self.loop.trainer.optimizer
-        seen = [0]
-
-        def zero_grad(set_to_none: bool = True) -> None:
-            seen.append(_grad_bytes(optimizer))
-            type(optimizer).zero_grad(optimizer, set_to_none=set_to_none)
-
-        optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
-        try:
-            self.loop.run(PROBE_STEPS)
-        finally:
-            del optimizer.zero_grad  # the class's own again: nothing extra in timed steps
-        if self.env.device.type == "cuda":
-            torch.cuda.synchronize(self.env.device)
-        return max(seen)
-
-    def memory(self) -> dict[str, int | None]:
-        """This rank's share, read after the timed rounds (optimizer state exists by then)."""
-        trainer = self.loop.trainer
-        params = sum(_local_bytes(p) for p in unwrap(trainer.model).parameters())
-        figures = {
-            "params_bytes": params,
-            "grads_bytes": self.grad_bytes,
-            "optim_bytes": _optim_bytes(trainer.optimizer),
-            "ddp_bucket_bytes": _bucket_bytes(trainer.model),
-        }
-        return {
-            **figures,
-            "state_bytes": sum(figures.values()),
-            "cuda_peak_bytes": self.cuda_peak_bytes,
-        }
-
-
 def _idle(steps: int) -> None:
     """Ranks other than 0 while `none` trains alone: they wait in the next collective."""
 
 
-def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
-    dtypes = [d for d in DTYPES if _supported(d, env.device)]
+def _build(
+    args: BenchArgs, env: DistEnv, dtypes: list[str], built: dict[str, Contender | None]
+) -> None:
+    """Fill `built` as each contender is built: the caller closes whatever was built, even when
+    a later build fails."""
     solo_env = DistEnv(0, 0, 1, 1, env.device, env.backend)  # rank 0 alone: no group, no DDP
 
     def config(strategy: str, dtype: str) -> RunConfig:
@@ -171,15 +79,32 @@ def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
     # the checkpointer's group are collectives); rank 0 also builds the solo ones.
     plan = [(s, d) for s in GROUP_STRATEGIES for d in dtypes]
     plan += [("none", d) for d in dtypes]
+    for strategy, dtype in plan:
+        solo = strategy == "none"
+        built[f"{strategy} {dtype}"] = (
+            None
+            if solo and not env.is_main
+            else Contender(strategy, dtype, config(strategy, dtype), solo_env if solo else env)
+        )
+
+
+def _gather_memory(
+    memory: dict[str, dict[str, int | None] | None], env: DistEnv
+) -> list[dict[str, Any]]:
+    """One figure per rank for each contender (None where a rank does not hold it)."""
+    per_rank: list[dict[str, Any]] = [{} for _ in range(env.world_size)]
+    if env.is_distributed:
+        dist.all_gather_object(per_rank, memory)
+    else:
+        per_rank = [memory]
+    return per_rank
+
+
+def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
+    dtypes = [d for d in DTYPES if _supported(d, env.device)]
     built: dict[str, Contender | None] = {}
     try:
-        for strategy, dtype in plan:
-            solo = strategy == "none"
-            built[f"{strategy} {dtype}"] = (
-                None
-                if solo and not env.is_main
-                else Contender(strategy, dtype, config(strategy, dtype), solo_env if solo else env)
-            )
+        _build(args, env, dtypes, built)
         torch.set_num_threads(args.threads)  # the same for every contender, solo included
         runners: dict[str, Callable[[int], None]] = {
             name: c.loop.run if c else _idle for name, c in built.items()
@@ -190,12 +115,7 @@ def worker(args: BenchArgs, env: DistEnv) -> dict[str, Any]:
         for c in built.values():
             if c:
                 c.loop.close()
-    # One figure per rank for each contender (None where a rank does not hold it).
-    per_rank: list[dict[str, Any]] = [{} for _ in range(env.world_size)]
-    if env.is_distributed:
-        dist.all_gather_object(per_rank, memory)
-    else:
-        per_rank = [memory]
+    per_rank = _gather_memory(memory, env)
     base = built[BASE]
     assert base is not None  # a group contender: every rank holds it
     settings = training_settings(base.loop.trainer.cfg, env, base.loop)
@@ -234,9 +154,10 @@ def _memory_row(name: str, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def run(args: BenchArgs) -> BenchReport:
-    result = run_workers(worker, args)
-    times, per_rank = result.pop("step_times"), result.pop("memory")
+def _rows(
+    times: dict[str, list[list[float]]], per_rank: list[dict[str, Any]], result: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Timing and memory per contender, each also as a ratio to the base's."""
     batch, n = result["global_batch_size"], result["world_size"]
     rows = timing_rows(times, dict.fromkeys(times, batch), result["tokens_per_sample"])
     base_times = round_medians(times[BASE])
@@ -256,6 +177,10 @@ def run(args: BenchArgs) -> BenchReport:
         row["state_vs_base"] = row["state_bytes"] / base["state_bytes"]
         if cuda:
             row["cuda_peak_vs_base"] = row["cuda_peak_bytes"] / base["cuda_peak_bytes"]
+    return rows
+
+
+def _columns(cuda: bool) -> list[Column]:
     columns = [
         *TIMING_COLUMNS,
         Column("workers", "workers", 1.0, ".0f"),
@@ -263,10 +188,15 @@ def run(args: BenchArgs) -> BenchReport:
     ]
     if cuda:
         columns.append(Column("cuda_peak_bytes", "peak MiB/rank", 1 / MIB, ".1f"))
-    columns += [
+    return [
+        *columns,
         Column("step_time_vs_base.median", "time/ddp fp32", 1.0, ".2f"),
         Column("state_vs_base", "state/ddp fp32", 1.0, ".2f"),
     ]
+
+
+def _notes(result: dict[str, Any], cuda: bool) -> list[str]:
+    batch, n = result["global_batch_size"], result["world_size"]
     skipped = [d for d in DTYPES if d not in result["dtypes"]]
     threads = result["threads"]
     notes = [
@@ -292,4 +222,18 @@ def run(args: BenchArgs) -> BenchReport:
         )
     if skipped:
         notes.append(f"not measured (no autocast support on this device): {', '.join(skipped)}")
-    return BenchReport("strategies", {**result, "args": args.to_json()}, rows, columns, notes=notes)
+    return notes
+
+
+def run(args: BenchArgs) -> BenchReport:
+    result = run_workers(worker, args)
+    times, per_rank = result.pop("step_times"), result.pop("memory")
+    rows = _rows(times, per_rank, result)
+    cuda = "cuda_peak_bytes" in next(r for r in rows if r["name"] == BASE)
+    return BenchReport(
+        "strategies",
+        {**result, "args": args.to_json()},
+        rows,
+        _columns(cuda),
+        notes=_notes(result, cuda),
+    )

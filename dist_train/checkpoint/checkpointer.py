@@ -8,8 +8,6 @@ Every rank writes its own shards into `checkpoints/.tmp_step_N/`; once all shard
 from __future__ import annotations
 
 import copy
-import json
-import os
 import shutil
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,26 +28,21 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dist_train.checkpoint.checksums import damaged_files
+from dist_train.checkpoint.commit import commit_step, save_failure
 from dist_train.checkpoint.files import (
-    MANIFEST,
     QUIET_MESSAGE,
     check_compatible,
     check_files,
     check_shapes,
-    complete_checkpoints,
     corrupted,
-    fsync_dir,
-    manifest_for,
-    point_best,
     read_manifest,
     read_tensor_metadata,
     single_process_quiet,
-    step_of,
 )
-from dist_train.checkpoint.integrity import HashingWriter, collect_digests
+from dist_train.checkpoint.integrity import HashingWriter
 from dist_train.checkpoint.reader import ThreadedFileSystemReader
 from dist_train.checkpoint.state import loaded_in_place, rng_state, set_rng_state, tied_names
-from dist_train.checkpoint.train_state import BEST, TrainState
+from dist_train.checkpoint.train_state import TrainState
 from dist_train.config.schema import RunConfig
 from dist_train.errors import ConfigError, DistTrainError, first_line
 from dist_train.launch.env import DistEnv
@@ -178,61 +171,15 @@ class Checkpointer:
         torch.save(rng_state(), tmp / "rng" / f"rank_{self.env.rank}.pt")
 
     def _failed(self, tmp: Path, error: BaseException) -> DistTrainError:
-        """A save that could not be written (a full disk, a vanished mount): the partial folder
-        goes, the previous checkpoint stays, and the reason is one line."""
-        found = complete_checkpoints(self.root)
-        reason = first_line(error)
-        # A full disk often surfaces as a short write inside torch.save's zip writer ("unexpected
-        # pos ..."): say what it is, measured before the partial save frees its space.
-        free = shutil.disk_usage(self.root).free
-        need = sum(p.stat().st_size for p in found[-1].rglob("*") if p.is_file()) if found else 0
-        if "No space left" in reason or free < max(need, 1 << 20):
-            reason = (
-                f"No space left on device ({free / 1e6:.1f} MB free on that filesystem; a "
-                f"checkpoint takes about {need / 1e6:.1f} MB)"
-            )
-        if self.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        kept = f"{found[-1]} is intact" if found else "there is no earlier checkpoint"
-        failure = DistTrainError(
-            f"checkpoint: cannot write {tmp}: {reason}; the partial save was removed and {kept}"
-        )
-        failure.on_every_rank = True  # type: ignore[attr-defined]  # the same on all ranks
-        return failure
+        """The failed save's one-line error; rank 0 removes the partial folder."""
+        return save_failure(self.root, tmp, error, self.env.is_main)
 
     def _commit(self, saved: TrainState, tmp: Path) -> None:
         """Rank 0 makes the checkpoint visible: manifest, fsync, one atomic rename, retention.
         DCP returns on rank 0 only after every rank's shards and the metadata are written."""
         if not self.env.is_main:
             return
-        digests = collect_digests(tmp)
-        manifest = manifest_for(
-            self.cfg, self.env, saved.step, saved.samples_seen, tmp, digests, self.tied
-        )
-        manifest["trainer"] = saved.for_manifest()
-        path = tmp / MANIFEST
-        path.write_text(json.dumps(manifest, indent=1))
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        final = self.root / f"step_{saved.step:07d}"
-        if final.exists():  # re-saving a step (e.g. resume=none in a used run dir)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(self.root)
-        # Retention looks only below the step just committed: a folder with a higher number is
-        # not this lineage's past (with one owner per run directory there is none) and a
-        # newer-looking leftover must never push out the checkpoint that was just written.
-        # The best checkpoint (checkpoint.best) is kept apart: never counted, never removed.
-        best = saved.watches.get(BEST, {}).get("step")
-        older = [
-            p
-            for p in complete_checkpoints(self.root)
-            if step_of(p) < saved.step and step_of(p) != best
-        ]
-        for old in older[: max(0, len(older) - (self.cfg.checkpoint.keep_last - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
-        if best is not None:
-            point_best(self.root, best)
+        commit_step(self.cfg, self.env, self.root, saved, tmp, self.tied)
 
     def load(self, path: Path, state: TrainState) -> None:
         """Restore everything from a complete checkpoint, checked before any collective."""

@@ -21,7 +21,6 @@ from dist_train.config.sections import (
 )
 from dist_train.config.targets import resolve_target
 from dist_train.config.yaml_io import (
-    ALIASES,
     aliased,
     as_config_error,
     check_sections,
@@ -41,29 +40,35 @@ POSITIVE = (
 )
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Defaults < YAML < overrides, validated; raises ConfigError naming the key."""
+def load_config(
+    path: str | Path | None, overrides: Sequence[str] = (), notes: list[str] | None = None
+) -> RunConfig:
+    """Defaults < YAML < overrides, validated; raises ConfigError naming the key. Old key names
+    are read as their new ones, each with a line in `notes` (the CLI prints them once)."""
     schema = RunConfig()
+    found: list[str] = []
     try:
         file = OmegaConf.create()
         if path is not None:
             path = resolve_config_path(path)
-            file = aliased(read_yaml(path))
+            file = aliased(read_yaml(path), found)
             check_sections(file, schema, str(path))
         # Read twice: first for the model and data they select, then with that selection's
         # field types (a string setting keeps what the user typed, see yaml_io).
-        given = parse_overrides(overrides, schema, ALIASES)
+        given = parse_overrides(overrides, schema, found)
         check_sections(given, schema, "the overrides")
         classes = fit_layers(schema, file, given)
         model, data = classes["model"](), classes["data"]()
         schema = RunConfig(model=model, data=data)  # type: ignore[arg-type]
-        given = parse_overrides(overrides, schema, ALIASES)
+        given = parse_overrides(overrides, schema, [])  # noted the first time
         merged = OmegaConf.merge(OmegaConf.structured(schema), file, given)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise as_config_error(e, overrides, schema) from None
     assert isinstance(cfg, RunConfig)
     validate(cfg)
+    if notes is not None:
+        notes.extend(dict.fromkeys(found))  # each once, in order
     return cfg
 
 

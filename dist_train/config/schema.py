@@ -63,7 +63,7 @@ class TrainConfig:
     # Your own evaluation metrics by import path (see dist_train/train/evaluation.py), besides the
     # task's: loss (+ perplexity for lm; + accuracy, precision, recall, f1 for classification).
     metrics: list[str] = field(default_factory=list)
-    sample_chars: int = 0  # text: characters to generate at the end (0: none)
+    sample_tokens: int = 0  # text: tokens to generate at the end of the run (0: none)
     sample_prompt: str = "\n"
     compile: bool = (
         False  # torch.compile each block (or the whole model), in place, before wrapping

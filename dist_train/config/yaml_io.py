@@ -65,14 +65,16 @@ def field_annotation(schema: Any, dotted: str) -> str:
     return annotation
 
 
-def parse_overrides(overrides: Sequence[str], schema: Any, aliases: dict[str, str]) -> DictConfig:
-    """`key=value` words as one config to merge last."""
+def parse_overrides(overrides: Sequence[str], schema: Any, notes: list[str]) -> DictConfig:
+    """`key=value` words as one config to merge last (old key names noted in `notes`)."""
     merged = OmegaConf.create()
     for item in overrides:
         if "=" not in item:
             raise ConfigError("override", item, "expected key=value")
         key, raw = item.split("=", 1)
-        key = aliases.get(key, key)
+        if key in RENAMED:
+            notes.append(renamed_note(key))
+        key = ALIASES.get(key, key)
         parsed = OmegaConf.from_dotlist([f"{key}={raw}"])
         value = OmegaConf.select(parsed, key)
         annotation = field_annotation(schema, key)
@@ -117,16 +119,26 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
-# `async` is a Python keyword, so the field is async_save; users may write either.
-ALIASES = {"checkpoint.async": "checkpoint.async_save"}
+# Keys renamed since an earlier release: configs (and the config.yaml of earlier runs) that use
+# the old name still load, with a one-line note.
+RENAMED = {"train.sample_chars": "train.sample_tokens"}
+# `async` is a Python keyword, so the field is async_save; users may write either, silently.
+ALIASES = {"checkpoint.async": "checkpoint.async_save", **RENAMED}
 
 
-def aliased(node: Any) -> Any:
+def renamed_note(old: str) -> str:
+    return f"{old} is now {RENAMED[old]} (the old name still works)"
+
+
+def aliased(node: Any, notes: list[str]) -> Any:
+    """`node` with old key names replaced by the current ones; a note for each renamed key."""
     for alias, key in ALIASES.items():
         section, _, name = alias.partition(".")
         sub = node.get(section) if isinstance(node, DictConfig) else None
         if isinstance(sub, DictConfig) and name in sub:
             sub[key.partition(".")[2]] = sub.pop(name)
+            if alias in RENAMED:
+                notes.append(renamed_note(alias))
     return node
 
 

@@ -45,7 +45,7 @@ def quickstart(ctx: Context, name: str, steps: int, *extra: str) -> RunConfig:
             f"optim.warmup_steps={max(1, steps // 4)}",
             f"log.every_steps={max(1, steps // 10)}",
             "log.progress=never",
-            "train.sample_chars=0",
+            "train.sample_tokens=0",
             "train.eval_every=0",
             *ctx.sizes.model,
             *extra,
@@ -145,14 +145,11 @@ def time_steps(
     return time.perf_counter() - start, trainer._interval_loss.item() / timed
 
 
-def throughput_gpt2_small(ctx: Context, numbers: dict[str, Any]) -> str:
-    from dist_train.gpu_check.training import open_trainer
-    from dist_train.models.registry import count_parameters
-    from dist_train.parallel.wrap import unwrap
-    from dist_train.track.metrics import mfu, peak_flops
-
+def _throughput_config(ctx: Context) -> RunConfig:
+    """The quickstart at the big model's size in bf16, without checkpoints or evaluation: only
+    the timed steps' work is in the figures."""
     s = ctx.sizes
-    cfg = quickstart(
+    return quickstart(
         ctx,
         "throughput",
         s.warmup_steps + s.timed_steps,
@@ -163,6 +160,16 @@ def throughput_gpt2_small(ctx: Context, numbers: dict[str, Any]) -> str:
         "model.dropout=0.0",
         *s.big_model,
     )
+
+
+def throughput_gpt2_small(ctx: Context, numbers: dict[str, Any]) -> str:
+    from dist_train.gpu_check.training import open_trainer
+    from dist_train.models.registry import count_parameters
+    from dist_train.parallel.wrap import unwrap
+    from dist_train.track.metrics import mfu, peak_flops
+
+    s = ctx.sizes
+    cfg = _throughput_config(ctx)
     before = dynamo_totals()
     with open_trainer(cfg) as trainer:
         model, device = unwrap(trainer.model), trainer.env.device

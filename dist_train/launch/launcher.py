@@ -7,6 +7,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dist_train.errors import ConfigError, first_line
 from dist_train.launch.network import (
@@ -17,6 +18,10 @@ from dist_train.launch.network import (
     local_addr_to,
 )
 from dist_train.launch.signals import EXIT_PREEMPTED, EXIT_UNSAVED, PREEMPT_SIGNALS
+
+# torch loads only once the workers start: a bad command line fails fast without it.
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 
 @dataclass(frozen=True)
@@ -199,31 +204,41 @@ def launch(
             f"with --node-rank 0..{launch.nnodes - 1} and node 0's address as the endpoint",
         ) from None
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()  # the root cause; the others were stopped after it
-        print(
-            f"error: worker rank {rank} {how_it_ended(failure.exitcode)}; the other workers "
-            "were stopped",
-            file=sys.stderr,
-        )
-        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        return _worker_failed(e)
     except SignalException as e:  # the agent has forwarded it and waited for the workers
-        if e.sigval in PREEMPT_SIGNALS and saves:
-            print(
-                f"dist-train: {e.sigval.name}: the workers stopped at a log step and saved "
-                f"(rank 0's line says where); exit status {EXIT_PREEMPTED}: run the same "
-                "command to continue",
-                file=sys.stderr,
-            )
-            return EXIT_PREEMPTED
-        if e.sigval in PREEMPT_SIGNALS:
-            print(
-                f"dist-train: {e.sigval.name}: the workers stopped; checkpoint.enabled=false, "
-                f"so nothing was saved (exit status {EXIT_UNSAVED})",
-                file=sys.stderr,
-            )
-            return EXIT_UNSAVED
-        print(f"interrupted ({e.sigval.name}): all workers stopped", file=sys.stderr)
-        return 128 + int(e.sigval)
+        return _stopped_by(e.sigval, saves)
     finally:
         remove_empty_dirs(log_dir)
     return 0
+
+
+def _worker_failed(error: ChildFailedError) -> int:
+    """Name the worker that failed first and return its exit status (128 + N for signal N)."""
+    rank, failure = error.get_first_failure()  # the root cause; the others were stopped after it
+    print(
+        f"error: worker rank {rank} {how_it_ended(failure.exitcode)}; the other workers "
+        "were stopped",
+        file=sys.stderr,
+    )
+    return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+
+
+def _stopped_by(sigval: signal.Signals, saves: bool) -> int:
+    """What a stop signal forwarded to the workers came to, and the exit status that says it."""
+    if sigval in PREEMPT_SIGNALS and saves:
+        print(
+            f"dist-train: {sigval.name}: the workers stopped at a log step and saved "
+            f"(rank 0's line says where); exit status {EXIT_PREEMPTED}: run the same "
+            "command to continue",
+            file=sys.stderr,
+        )
+        return EXIT_PREEMPTED
+    if sigval in PREEMPT_SIGNALS:
+        print(
+            f"dist-train: {sigval.name}: the workers stopped; checkpoint.enabled=false, "
+            f"so nothing was saved (exit status {EXIT_UNSAVED})",
+            file=sys.stderr,
+        )
+        return EXIT_UNSAVED
+    print(f"interrupted ({sigval.name}): all workers stopped", file=sys.stderr)
+    return 128 + int(sigval)

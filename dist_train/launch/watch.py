@@ -153,12 +153,7 @@ class Watch:
         traceback goes to RUN_DIR/logs. Other errors come back unchanged."""
         if not any(word in str(error).lower() for word in PEER_TROUBLE):
             return error
-        log = run_dir / "logs" / f"rank_{self.env.rank}.traceback.txt"
-        try:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text("".join(traceback.format_exception(error)))
-        except OSError:
-            log = Path("(not written)")
+        log = _write_traceback(error, run_dir / "logs" / f"rank_{self.env.rank}.traceback.txt")
         me = self.progress.report(0)
         try:
             store = _store(timeout_s=STORE_TIMEOUT_S)
@@ -199,6 +194,17 @@ class Watch:
         first_waiting = min(set(here) - set(behind) - set(silent), default=self.env.rank)
         failure.quiet = self.env.rank != first_waiting  # type: ignore[attr-defined]
         return failure
+
+
+def _write_traceback(error: BaseException, log: Path) -> Path:
+    """The whole traceback into `log`, which comes back; a placeholder when it cannot be written
+    (the one-line error names it either way)."""
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(error)))
+    except OSError:
+        return Path("(not written)")
+    return log
 
 
 def read_progress(store: dist.Store | None, world_size: int, exclude: int) -> dict[int, Report]:

@@ -97,18 +97,7 @@ def build_trainer(
     resume_from = resolve_resume(cfg)
     saved = read_manifest(resume_from) if resume_from is not None else None
     cfg = with_schedule_horizon(cfg, saved)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, data.spec)
-    init_model(model, None if resume_from else cfg.model.init_from, list(cfg.model.freeze))
-    flops = flops_for_mfu(cfg, env, data, model)  # before compile and wrapping: one plain pass
-    if cfg.train.compile:
-        # In place (module.compile), so parameter names and checkpoints stay the same; per
-        # block where the model has blocks, which is also what FSDP2 shards.
-        for unit in fsdp_units(model) or [model]:
-            unit.compile()
-    model = wrap_model(model, cfg.parallel, cfg.precision, env)
-    # Different dropout masks per rank, reproducible per rank.
-    torch.manual_seed(cfg.train.seed + env.rank)
+    model, flops = build_wrapped_model(cfg, env, data, resume_from)
     optimizer = build_optimizer(cfg.optim, model)
     precision = Precision(cfg.precision, env.device)
     checkpointer = Checkpointer(cfg, env, model, optimizer, precision)
@@ -116,29 +105,7 @@ def build_trainer(
     if resume_from is not None:  # before anything is written: a bad checkpoint touches nothing
         checkpointer.load(resume_from, state)
         checkpointer.check_verified()  # its checksums, hashed from the page cache after the load
-    run_dir, moved = Path(cfg.train.run_dir), 0
-    if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        # One lineage: records past the resumed step belong to the attempt that was cut short.
-        moved = trim_metrics(run_dir, state.step)
-    # Rank 0 only, and not for a run that is done already (nothing to track).
-    trackers = (
-        build_trackers(cfg, run_dir, state.step if resume_from is not None else None)
-        if env.is_main and state.step < cfg.train.max_steps
-        else []
-    )
-    logger = MetricsLogger(
-        run_dir if env.is_main else None, cfg.log, cfg.train.max_steps, trackers=trackers
-    )
-    if env.is_main and moved:
-        logger.print(
-            f"metrics.jsonl: moved {moved} record(s) after step {state.step} (from the "
-            "interrupted attempt) to metrics.discarded.jsonl"
-        )
-    if resume_from is not None and saved is not None:
-        logger.print(f"resumed from {resume_from} at step {state.step}")
-        for note in resume_notes(cfg, saved):
-            logger.print(f"note: {note}")
+    logger = open_logger(cfg, env, state.step, resume_from, saved)
     return Trainer(
         cfg,
         env,
@@ -153,3 +120,60 @@ def build_trainer(
         progress or Progress(),
         flops_per_token=flops,
     )
+
+
+def build_wrapped_model(
+    cfg: RunConfig, env: DistEnv, data: Data, resume_from: Path | None
+) -> tuple[nn.Module, float | None]:
+    """The model, initialised alike on every rank, compiled if asked and wrapped for the
+    parallel strategy; with its training FLOPs per token for mfu (None: no mfu). Leaves the
+    RNG seeded per rank for what follows."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, data.spec)
+    init_model(model, None if resume_from else cfg.model.init_from, list(cfg.model.freeze))
+    flops = flops_for_mfu(cfg, env, data, model)  # before compile and wrapping: one plain pass
+    if cfg.train.compile:
+        # In place (module.compile), so parameter names and checkpoints stay the same; per
+        # block where the model has blocks, which is also what FSDP2 shards.
+        for unit in fsdp_units(model) or [model]:
+            unit.compile()
+    model = wrap_model(model, cfg.parallel, cfg.precision, env)
+    # Different dropout masks per rank, reproducible per rank.
+    torch.manual_seed(cfg.train.seed + env.rank)
+    return model, flops
+
+
+def open_logger(
+    cfg: RunConfig,
+    env: DistEnv,
+    step: int,
+    resume_from: Path | None,
+    saved: dict[str, Any] | None,
+) -> MetricsLogger:
+    """The metrics logger and trackers (rank 0 writes), after rank 0 has written config.yaml
+    and trimmed metrics.jsonl to `step`, the step the run starts from; says what a resume
+    continues from."""
+    run_dir, moved = Path(cfg.train.run_dir), 0
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        # One lineage: records past the resumed step belong to the attempt that was cut short.
+        moved = trim_metrics(run_dir, step)
+    # Rank 0 only, and not for a run that is done already (nothing to track).
+    trackers = (
+        build_trackers(cfg, run_dir, step if resume_from is not None else None)
+        if env.is_main and step < cfg.train.max_steps
+        else []
+    )
+    logger = MetricsLogger(
+        run_dir if env.is_main else None, cfg.log, cfg.train.max_steps, trackers=trackers
+    )
+    if env.is_main and moved:
+        logger.print(
+            f"metrics.jsonl: moved {moved} record(s) after step {step} (from the "
+            "interrupted attempt) to metrics.discarded.jsonl"
+        )
+    if resume_from is not None and saved is not None:
+        logger.print(f"resumed from {resume_from} at step {step}")
+        for note in resume_notes(cfg, saved):
+            logger.print(f"note: {note}")
+    return logger

@@ -1,4 +1,4 @@
-"""Text from a language model: the end-of-run sample (`train.sample_chars`) and
+"""Text from a language model: the end-of-run sample (`train.sample_tokens`) and
 `dist-train sample RUN_DIR`, one function for both."""
 
 from __future__ import annotations
@@ -53,15 +53,15 @@ def end_of_run_sample(
     precision: Precision,
     logger: MetricsLogger,
 ) -> str | None:
-    """`train.sample_chars` tokens at the end of a run; every rank samples alike (same seed),
+    """`train.sample_tokens` tokens at the end of a run; every rank samples alike (same seed),
     the main rank prints."""
-    if cfg.train.sample_chars <= 0:
+    if cfg.train.sample_tokens <= 0:
         return None
     sampled = sample_text(
         model,
         spec,
         cfg.train.sample_prompt,
-        cfg.train.sample_chars,
+        cfg.train.sample_tokens,
         seed=cfg.train.seed,
         device=env.device,
         autocast=precision.autocast(),

@@ -4,51 +4,31 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dist_train.checkpoint.checkpointer import Checkpointer
 from dist_train.checkpoint.train_state import TrainState
 from dist_train.config.schema import RunConfig, accumulation_steps, micro_batch_size
-from dist_train.data.datasets import Data, DataSpec
+from dist_train.data.datasets import Data
 from dist_train.data.loader import BatchLoader
 from dist_train.errors import NonFiniteError
 from dist_train.launch.env import DistEnv, all_reduce_mean
 from dist_train.launch.signals import Preempted, StopRequest
 from dist_train.launch.watch import Progress
-from dist_train.models.protocol import logits_of
 from dist_train.parallel.precision import Precision
 from dist_train.parallel.wrap import grad_sync, unwrap
-from dist_train.track.metrics import MetricsLogger, mfu, peak_flops, peak_memory
+from dist_train.track.metrics import MetricsLogger
 from dist_train.train.evaluation import build_metrics, evaluate
-from dist_train.train.nonfinite import (
-    check_finite_before_save,
-    check_logged_loss,
-    last_good,
-    loss_scale_warning,
-)
+from dist_train.train.loss import build_loss
+from dist_train.train.nonfinite import check_finite_before_save, last_good
 from dist_train.train.optim import clip_and_measure, lr_at, set_lr
+from dist_train.train.records import LogRecords
 from dist_train.train.sampling import end_of_run_sample
 from dist_train.train.selection import Watches
-
-LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
-
-
-def build_loss(spec: DataSpec) -> LossFn:
-    """The task's loss of a model's output (a tensor, or an object holding `logits`, as
-    transformers models return). LM targets come shifted from the data already, so a
-    transformers model is never given `labels=` (it would shift them again)."""
-    if spec.task == "lm":
-        return lambda out, y: F.cross_entropy(logits_of(out).flatten(0, 1), y.flatten())
-    if spec.task == "regression":
-        return lambda out, y: F.mse_loss(logits_of(out), y)
-    return lambda out, y: F.cross_entropy(logits_of(out), y)
 
 
 @dataclass
@@ -94,15 +74,13 @@ class Trainer:
             if data.val is not None
             else None
         )
-        peak = peak_flops(cfg.log, env.device, cfg.precision.dtype)
-        self._mfu_inputs = (flops_per_token, peak) if flops_per_token and peak else None
+        self.records = LogRecords(cfg, env, data.spec, precision, flops_per_token)
         # Loss summed on the device between log steps: no host sync on steps that do not log.
         self._interval_loss = torch.zeros((), device=env.device)
         self._interval_wait = 0.0  # seconds the step waited for its batches (host clock)
         # on_nonfinite=skip: updates dropped (in total, in a row, in this log interval).
         self.skip_nonfinite = cfg.train.on_nonfinite == "skip"
         self.nonfinite_skips, self._skips_in_a_row, self._interval_skips = 0, 0, 0
-        self._warned_scale = False
         self.stopping = False  # some rank was asked to stop: known alike on all at log steps
 
     def train_step(self, step: int, measure_norm: bool) -> torch.Tensor | None:
@@ -190,41 +168,14 @@ class Trainer:
         loss = total / applied if applied else None  # None: every update was skipped
         self._interval_loss.zero_()
         self._interval_skips, self._interval_wait = 0, 0.0
-        now, steps = time.perf_counter(), step - last_step
-        samples_per_sec = steps * self.cfg.train.global_batch_size / (now - last_time)
-        record = {
-            "step": step,
-            "loss": loss,
-            "lr": lr_at(step - 1, self.cfg.optim, self.cfg.optim.decay_steps),
-            "grad_norm": None if norm is None else norm.item(),
-            "samples_per_sec": samples_per_sec,
-            "tokens_per_sec": (
-                samples_per_sec * self.data.spec.tokens_per_sample
-                if self.data.spec.tokens_per_sample
-                else None
-            ),
-            "elapsed_sec": now - start,
-            "step_sec": (now - last_time) / steps,
-            "data_wait_sec": wait / steps,  # of step_sec, mean over ranks: loading not hidden
-            **self.precision.log_fields(),
-            **peak_memory(self.env.device),
-        }
-        if self._mfu_inputs and record["tokens_per_sec"]:
-            record["mfu"] = mfu(record["tokens_per_sec"], *self._mfu_inputs, self.env.world_size)
+        record = self.records.build(step, step - last_step, loss, norm, wait, (start, last_time))
         if self.skip_nonfinite:
             record["nonfinite_skips"] = self.nonfinite_skips
         if loss is not None:
             result.losses[step] = loss
         self.logger.log(record)
-        self._check_logged(record, last_step)
+        self.records.check(record, last_step, self.checkpointer.root, self.logger)
         return True
-
-    def _check_logged(self, record: dict[str, Any], last_step: int) -> None:
-        check_logged_loss(record, last_step, self.cfg.train.on_nonfinite, self.checkpointer.root)
-        warning = loss_scale_warning(record, self.cfg.precision.warn_loss_scale)
-        if warning and not self._warned_scale:
-            self.logger.print(warning)
-        self._warned_scale = self._warned_scale or warning is not None
 
     def maybe_evaluate(self, result: FitResult) -> dict[str, float] | None:
         every, step = self.cfg.train.eval_every, self.state.step

@@ -1,0 +1,180 @@
+"""`dist-train train` and the worker entry: a single process trains itself, `--nproc N` (or
+several nodes) starts a launcher, and under torchrun each worker runs `run_worker`. Torch loads
+only when the command runs, so `dist-train --help` stays light."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dist_train.cli.run_args import add_run_args, launch_config
+from dist_train.errors import DistTrainError, PeerError
+from dist_train.launch.rundir import OWNER_ENV, RunLock, owned_run_dir, prepare
+from dist_train.launch.signals import StopRequest
+
+if TYPE_CHECKING:
+    from dist_train.config.schema import RunConfig
+    from dist_train.launch.env import DistEnv
+
+
+def run_worker(cfg: RunConfig, owned: bool = False) -> int:
+    """One worker's whole life: join the group, train, always leave the group. `owned`: the
+    caller (this process, or the launcher of `--nproc N`) holds the run directory; under plain
+    torchrun nobody does yet, and rank 0 takes it."""
+    from dist_train.launch.env import dist_session, read_env, under_torchrun
+    from dist_train.launch.watch import Progress, Watch, check_shared_run_dir
+    from dist_train.train.build import build_trainer
+
+    stop = StopRequest()
+    stop.install()
+    env = read_env(cfg.train.device)
+    owned = owned or OWNER_ENV in os.environ
+    watch = Watch(env) if under_torchrun() else None
+    try:
+        with (
+            dist_session(env, cfg.parallel.timeout_s),
+            nullcontext() if owned else _rank0_owns(cfg, env),
+        ):
+            check_shared_run_dir(Path(cfg.train.run_dir), env)
+            if env.is_main and not owned:  # plain torchrun or accelerate: nobody said it yet
+                _say_world(env)
+            trainer = build_trainer(cfg, env, stop, watch.progress if watch else Progress())
+            try:
+                stop.arm()  # from here a stop signal saves at the next log step
+                trainer.fit()
+            finally:
+                if watch is not None:
+                    watch.leaving = True  # closing (an async save may finish): not stuck
+                trainer.close()
+    except RuntimeError as e:  # a peer that timed out or went away: name it, not our traceback
+        if watch is None:
+            raise
+        watch.leaving = True
+        # Explain first (it reads the peers' progress), then tell them: a stalled peer is ended
+        # FAILED_GRACE_S after `failed()`, and must not exit before this rank has said why.
+        error = watch.explain(e, cfg.parallel.timeout_s, Path(cfg.train.run_dir))
+        watch.failed()
+        raise error from None
+    except (Exception, KeyboardInterrupt) as e:
+        if watch is not None:
+            watch.leaving = True
+            if not getattr(e, "on_every_rank", False):  # every rank raises those by itself
+                watch.failed()
+        raise
+    finally:
+        if watch is not None:
+            watch.close()
+    return 0
+
+
+def _say_world(env: DistEnv) -> None:
+    """Plain torchrun or accelerate started the workers: nobody has said yet what runs."""
+    nodes = env.world_size // env.local_world_size
+    print(
+        f"dist-train: {env.world_size} workers ({nodes} node(s)), {env.backend} on "
+        f"{env.device.type}",
+        flush=True,
+    )
+
+
+def _fresh_start(cfg: RunConfig) -> bool:
+    from dist_train.checkpoint.files import resolve_resume
+
+    return resolve_resume(cfg) is None
+
+
+@contextmanager
+def _rank0_owns(cfg: RunConfig, env: DistEnv) -> Iterator[None]:
+    """Plain torchrun: rank 0 locks and prepares the run directory and every rank learns
+    whether it could (a collective), so no rank trains on alone or waits for a peer that left."""
+    from dist_train.launch.env import all_agree, restart_count
+
+    lock, error = RunLock(Path(cfg.train.run_dir)), None
+    if env.is_main:
+        try:
+            lock.acquire()
+            if restart_count() == 0:  # a restarted group continues what the first one prepared
+                prepare(lock.run_dir, _fresh_start(cfg), cfg.train.overwrite, print)
+        except DistTrainError as e:
+            error = e
+    try:
+        if not all_agree(error is None, env):
+            raise error or PeerError(f"rank 0 could not take {cfg.train.run_dir}")
+        yield
+    finally:
+        lock.release()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dist_train.config.load import load_config
+
+    notes: list[str] = []
+    cfg = load_config(args.config, args.overrides, notes)  # before torch: bad input is quick
+    from dist_train.launch.env import foreign_launch, under_torchrun
+
+    # Said once per run: by the process the user started, or by rank 0 under plain torchrun
+    # (the workers our launcher starts read the same config again and stay quiet).
+    if not under_torchrun() or (os.environ.get("RANK") == "0" and OWNER_ENV not in os.environ):
+        for note in notes:
+            print(f"note: {note}", flush=True)
+    from dist_train.launch.launcher import check_launch, launch
+    from dist_train.train.plan import build_plan, device_kind
+
+    if under_torchrun():  # we are a worker: torchrun already decided the world
+        return run_worker(cfg)
+    lc = launch_config(args, cfg.parallel.timeout_s)
+    check_launch(lc, device_kind(cfg))
+    foreign = foreign_launch(lc.nnodes)
+    if foreign:
+        raise DistTrainError(foreign)
+    run_dir = Path(cfg.train.run_dir)
+    # The single process, or the launcher of node 0, owns the run directory for the whole run
+    # (restarts included) from before it reads it; workers and other nodes are told so.
+    with owned_run_dir(run_dir) if lc.node_rank == 0 else nullcontext():
+        if lc.world_size == 1:
+            return _train_alone(cfg, run_dir)
+        plan = build_plan(cfg, lc.world_size)  # every config error surfaces here, once
+        if plan.resume_step >= cfg.train.max_steps:
+            print(
+                f"done already: {plan.resume_from} is at step {plan.resume_step} "
+                f"(train.max_steps={cfg.train.max_steps}); raise train.max_steps to train further"
+            )
+            return 0
+        print(
+            f"dist-train: {lc.nproc} workers x {lc.nnodes} node(s), {plan.backend} on "
+            f"{plan.device}, global batch {plan.global_batch_size} = {plan.micro_batch_size} x "
+            f"{plan.accumulation_steps} accumulation x {plan.world_size} workers",
+            flush=True,
+        )
+        for note in plan.notes:
+            print(f"note: {note}", flush=True)
+        if lc.node_rank == 0:
+            prepare(run_dir, plan.resume_from is None, cfg.train.overwrite, print)
+        os.environ[OWNER_ENV] = f"launcher {os.getpid()}"
+        worker_args = ["train", args.config, *args.overrides]
+        return launch(lc, worker_args, run_dir, saves=cfg.checkpoint.enabled)
+
+
+def _train_alone(cfg: RunConfig, run_dir: Path) -> int:
+    """One process, no launcher: it prepares the run directory it owns and is the worker."""
+    from dist_train.train.plan import device_kind
+
+    prepare(run_dir, _fresh_start(cfg), cfg.train.overwrite, print)
+    print(f"dist-train: 1 process on {device_kind(cfg)} (--nproc N: N workers)", flush=True)
+    if any(var.startswith("ACCELERATE_") for var in os.environ):
+        print(
+            "note: `accelerate launch` started a single process; for N workers use "
+            "`accelerate launch --multi_gpu --num_processes N` (CPU too) or --nproc N",
+            flush=True,
+        )
+    return run_worker(cfg, owned=True)
+
+
+def add_train_parser(sub: Any) -> None:
+    train = sub.add_parser("train", help="train from a config (one process, or --nproc N)")
+    add_run_args(train, restarts=True)
+    train.set_defaults(func=cmd_train)
