@@ -253,16 +253,6 @@ def fingerprint_changes(
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
-# xdist hands tests out in collection order. The longest start first (the quickstart as the
-# README runs it, then the other end-to-end runs), so that no long test is left running alone
-# at the end while the other core idles.
-LONGEST = "test_readme_quickstart_command"
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: (item.name != LONGEST, item.get_closest_marker("slow") is None))
-
-
 @pytest.fixture(autouse=True)
 def repo_left_alone() -> Any:
     """Fails any test that touches the checkout's runs/ or bench_results/ (a user's
