@@ -2,7 +2,9 @@
 
 Every rank writes its own shards into `checkpoints/.tmp_step_N/`; once all shards, DCP's
 `.metadata` and the RNG files are there, rank 0 writes `manifest.json` and renames the folder to
-`step_N`. A `step_N` folder therefore exists only when complete; anything else is ignored.
+`step_N` (see commit.py: an existing `step_N` is renamed aside first, then deleted). A `step_N`
+folder therefore exists only when complete; anything else is ignored. Each manifest names its
+parent, the checkpoint the run continued (lineage.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dist_train.checkpoint.checksums import damaged_files
 from dist_train.checkpoint.commit import commit_step, save_failure
 from dist_train.checkpoint.files import (
     QUIET_MESSAGE,
+    TMP,
     check_compatible,
     check_files,
     check_shapes,
@@ -38,8 +41,10 @@ from dist_train.checkpoint.files import (
     read_manifest,
     read_tensor_metadata,
     single_process_quiet,
+    step_name,
 )
 from dist_train.checkpoint.integrity import HashingWriter
+from dist_train.checkpoint.lineage import reference
 from dist_train.checkpoint.reader import ThreadedFileSystemReader
 from dist_train.checkpoint.state import loaded_in_place, rng_state, set_rng_state, tied_names
 from dist_train.checkpoint.train_state import TrainState
@@ -95,6 +100,8 @@ class Checkpointer:
         self._pending: tuple[Future[Any], TrainState, Path] | None = None
         self.saved_step: int | None = None  # the step of the newest save started
         self._verifying: tuple[Future[list[str]], Path] | None = None  # after a load
+        # The checkpoint the next commit continues: the one loaded, then each one committed.
+        self.parent: dict[str, Any] | None = None
 
     def _state(self, with_optimizer: bool) -> dict[str, Any]:
         state = {
@@ -119,7 +126,7 @@ class Checkpointer:
     def save(self, state: TrainState, blocking: bool) -> None:
         """Sync: returns once committed. Async: returns once the state is copied in memory."""
         self.wait()  # one save at a time; also commits the previous async one
-        tmp = self.root / f".tmp_step_{state.step:07d}"
+        tmp = self.root / f"{TMP}{step_name(state.step)}"
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # debris of a crashed attempt
             tmp.mkdir(parents=True)
@@ -175,11 +182,11 @@ class Checkpointer:
         return save_failure(self.root, tmp, error, self.env.is_main)
 
     def _commit(self, saved: TrainState, tmp: Path) -> None:
-        """Rank 0 makes the checkpoint visible: manifest, fsync, one atomic rename, retention.
+        """Rank 0 makes the checkpoint visible: manifest, fsync, atomic renames, retention.
         DCP returns on rank 0 only after every rank's shards and the metadata are written."""
         if not self.env.is_main:
             return
-        commit_step(self.cfg, self.env, self.root, saved, tmp, self.tied)
+        self.parent = commit_step(self.cfg, self.env, self.root, saved, tmp, self.tied, self.parent)
 
     def load(self, path: Path, state: TrainState) -> None:
         """Restore everything from a complete checkpoint, checked before any collective."""
@@ -207,6 +214,7 @@ class Checkpointer:
             set_optimizer_state_dict(self.model, self.optimizer, current["optim"])
         self.precision.load_state_dict(current.get("precision", {}))
         state.step, state.samples_seen = manifest["step"], manifest["samples_seen"]
+        self.parent = reference(manifest)
         trainer = manifest.get("trainer", {})  # absent in checkpoints of earlier versions
         state.watches = trainer.get("watches", {})
         state.stopped_early = trainer.get("stopped_early", False)

@@ -18,6 +18,7 @@ import torch
 
 import dist_train
 from dist_train.checkpoint.checksums import damaged_files
+from dist_train.checkpoint.lineage import first_mixed_link
 from dist_train.config.schema import RunConfig
 from dist_train.config.sections import invariant_keys
 from dist_train.errors import ConfigError
@@ -27,6 +28,13 @@ from dist_train.parallel.wrap import resolve_strategy
 MANIFEST = "manifest.json"
 QUIET_MESSAGE = "torch.distributed is disabled"  # DCP's warning when told no_dist=True
 STEP_DIR = re.compile(r"^step_(\d+)$")
+# Hidden names of step folders, never resumed: being written (`.tmp_step_N`), set aside by a
+# commit that replaces `step_N` (`.old_step_N`), being deleted by retention (`.del_step_N`).
+TMP, ASIDE, DELETING = ".tmp_", ".old_", ".del_"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
 
 
 def is_complete(path: Path) -> bool:
@@ -58,6 +66,8 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
         found = complete_checkpoints(root)
         newest = found[-1] if found else None
         check_no_damaged_newer(root, newest)
+        if newest is not None:
+            check_one_lineage(found)
         return newest
     return find_checkpoint(cfg.resume, "resume")
 
@@ -80,6 +90,33 @@ def check_no_damaged_newer(root: Path, newest: Path | None) -> None:
             "auto",
             f"{max(damaged, key=step_of)} is damaged (its .metadata or manifest.json is "
             f"missing); {use}, or move the damaged folder away",
+        )
+
+
+def check_one_lineage(found: list[Path]) -> None:
+    """`resume: auto` continues the newest checkpoint only if the checkpoints it descends from
+    here are the ones it was trained from: after a run resumed from an older checkpoint and
+    saved a step again, a newer step of the abandoned run would continue the other lineage
+    (with the other run's settings) without a word."""
+    by_step = {step_of(p): p for p in found}
+
+    def present(step: int) -> dict[str, Any] | None:
+        try:
+            manifest = read_manifest(by_step[step]) if step in by_step else None
+        except ConfigError:  # unreadable: the load says so, this check is not the one
+            return None
+        return manifest if isinstance(manifest, dict) and "step" in manifest else None
+
+    newest = present(step_of(found[-1]))
+    mixed = first_mixed_link(newest, present) if newest is not None else None
+    if mixed is not None:
+        child, parent = by_step[mixed[0]], by_step[mixed[1]]
+        raise ConfigError(
+            "resume",
+            "auto",
+            f"the checkpoints in {parent.parent} mix two runs: {child.name} continues a "
+            f"{parent.name} that a later run (resumed from an older checkpoint) saved again; "
+            f"resume={parent} continues the later run, resume={child} the earlier one",
         )
 
 
@@ -164,7 +201,7 @@ def manifest_for(
 def point_best(root: Path, step: int) -> None:
     """`checkpoints/best`, a relative symlink to the best checkpoint's folder, replaced
     atomically (a path for `resume`, `export` and `sample`)."""
-    target, link = f"step_{step:07d}", root / "best"
+    target, link = step_name(step), root / "best"
     if link.is_symlink() and os.readlink(link) == target:
         return
     tmp = root / ".best.tmp"

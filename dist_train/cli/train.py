@@ -87,6 +87,14 @@ def _fresh_start(cfg: RunConfig) -> bool:
     return resolve_resume(cfg) is None
 
 
+def _recover_checkpoints(run_dir: Path) -> None:
+    """The owner, first thing: finish or roll back what a crash cut short among the
+    checkpoints, before anything decides from them where the run resumes."""
+    from dist_train.checkpoint.recovery import recover_checkpoints
+
+    recover_checkpoints(run_dir, lambda line: print(line, flush=True))
+
+
 @contextmanager
 def _rank0_owns(cfg: RunConfig, env: DistEnv) -> Iterator[None]:
     """Plain torchrun: rank 0 locks and prepares the run directory and every rank learns
@@ -97,6 +105,7 @@ def _rank0_owns(cfg: RunConfig, env: DistEnv) -> Iterator[None]:
     if env.is_main:
         try:
             lock.acquire()
+            _recover_checkpoints(lock.run_dir)
             if restart_count() == 0:  # a restarted group continues what the first one prepared
                 prepare(lock.run_dir, _fresh_start(cfg), cfg.train.overwrite, print)
         except DistTrainError as e:
@@ -135,6 +144,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # The single process, or the launcher of node 0, owns the run directory for the whole run
     # (restarts included) from before it reads it; workers and other nodes are told so.
     with owned_run_dir(run_dir) if lc.node_rank == 0 else nullcontext():
+        if lc.node_rank == 0:
+            _recover_checkpoints(run_dir)
         if lc.world_size == 1:
             return _train_alone(cfg, run_dir)
         plan = build_plan(cfg, lc.world_size)  # every config error surfaces here, once

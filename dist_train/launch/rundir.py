@@ -155,15 +155,32 @@ def move_aside(run_dir: Path) -> Path:
 
 
 def remove_debris(run_dir: Path, say: Callable[[str], None]) -> None:
-    """`.tmp_step_*` folders are saves that a crash interrupted: never resumable, only space."""
-    debris = sorted((run_dir / "checkpoints").glob(".tmp_step_*"))
-    for path in debris:
+    """What a crash left among the checkpoints, by name alone (this layer reads no manifest;
+    `dist_train.checkpoint.recovery` first finishes the commits it can verify): a commit cut
+    between its renames is rolled back (`.old_step_N` renamed back to `step_N` when that is
+    missing, else deleted), and `.tmp_step_*` (saves never committed: never resumable, only
+    space) and `.del_*` (deletions under way) are removed. Says what it did in one line."""
+    root = run_dir / "checkpoints"
+    done = []
+    for aside in sorted(root.glob(".old_step_*")):
+        final = aside.with_name(aside.name[len(".old_") :])
+        if final.exists():  # the commit had put its new folder in place
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, final)
+            done.append(f"put back {final.name} (a crash cut the commit that was replacing it)")
+    debris, deleting = sorted(root.glob(".tmp_step_*")), sorted(root.glob(".del_*"))
+    for path in [*debris, *deleting]:
         shutil.rmtree(path, ignore_errors=True)
     if debris:
-        say(
+        done.append(
             f"removed {len(debris)} incomplete checkpoint folder(s) left by an interrupted "
             f"save: {', '.join(p.name for p in debris)}"
         )
+    if deleting:
+        done.append(f"finished deleting {', '.join(p.name[len('.del_') :] for p in deleting)}")
+    if done:
+        say("; ".join(done))
 
 
 def prepare(run_dir: Path, fresh: bool, overwrite: bool, say: Callable[[str], None]) -> None:
