@@ -77,7 +77,8 @@ def test_workers_stopped_by_a_signal_elsewhere_are_no_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A PyTorchJob whose other pod was preempted: every worker here saved and exited 143."""
-    codes = {0: EXIT_PREEMPTED, 1: EXIT_PREEMPTED}
+    # the first to exit; the agent stops the others, which were saving the same step
+    codes = {1: EXIT_PREEMPTED, 0: -int(signal.SIGTERM)}
     assert _worker_failed(child_failed(codes)) == EXIT_PREEMPTED
     (line,) = capsys.readouterr().err.splitlines()
     assert not line.startswith("error")
@@ -221,3 +222,27 @@ def test_the_readme_table_is_the_code_s() -> None:
     assert set(rows) == {0, EXIT_BUG, EXIT_INPUT, EXIT_INFRA, EXIT_PREEMPTED, EXIT_UNSAVED}
     retried = {code for code, row in rows.items() if row.split("|")[3].strip() == "yes"}
     assert retried == set(RETRYABLE)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_one_worker_only_is_a_preemption_not_an_error(tmp_path: Path) -> None:
+    """As a PyTorchJob pod sees its peer pod's preemption: the signal reaches a worker, not this
+    launcher. Every worker saves and exits 143; the launcher says so, as no error."""
+    from helpers_scale_out import losses, start
+
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "--nproc", "2")
+    try:
+        while not (run_dir / "metrics.jsonl").exists() or len(losses(run_dir)) < 3:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+        workers = [pid for pid in leftover_processes(str(run_dir)) if pid != proc.pid]
+        (rank1,) = [p for p in workers if b"\0RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+        os.kill(rank1, signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert [x for x in err.splitlines() if x.startswith("error")] == [], err[-2000:]
+    assert "preempted (a stop signal) at step " in err  # rank 0's line: what was saved
+    assert "stopped on a stop signal that reached another node or a worker" in err

@@ -232,10 +232,10 @@ def launch(
 
 def _worker_failed(error: ChildFailedError) -> int:
     """Name the worker that failed first and return the status that says what a retry can do
-    (see `exit_status`). Workers that all stopped on a stop signal (one that reached another
-    node, or a worker alone) saved a checkpoint: not an error."""
-    codes = {failure.exitcode for failure in error.failures.values()}
-    if codes == {EXIT_PREEMPTED}:
+    (see `exit_status`). A worker that stopped on a stop signal (one that reached another node,
+    or a worker alone) did so once every rank had saved the checkpoint: not an error."""
+    rank, failure = error.get_first_failure()  # the root cause; the others were stopped after it
+    if failure.exitcode == EXIT_PREEMPTED:
         print(
             "dist-train: the workers stopped on a stop signal that reached another node or a "
             "worker (not this launcher) and saved (rank 0's line says where); exit status "
@@ -243,7 +243,6 @@ def _worker_failed(error: ChildFailedError) -> int:
             file=sys.stderr,
         )
         return EXIT_PREEMPTED
-    rank, failure = error.get_first_failure()  # the root cause; the others were stopped after it
     status = exit_status(failure.exitcode)
     retry = " (a retry can fix it)" if status == EXIT_INFRA else ""
     print(
