@@ -1,4 +1,5 @@
-"""User-facing errors: the CLI prints them as one line and exits with status 2."""
+"""User-facing errors, printed as one line, and the exit statuses every launcher recipe reads:
+the one table of them (README, "Exit statuses")."""
 
 from __future__ import annotations
 
@@ -6,9 +7,27 @@ import importlib
 from types import ModuleType
 from typing import Any
 
+EXIT_DONE = 0
+EXIT_BUG = 1  # unexpected (a traceback): a bug, not retried
+EXIT_INPUT = 2  # the user's input (config, command line, run directory): permanent
+# Infrastructure a retry can fix: a peer, node or network lost, the store unreachable, a worker
+# killed by a signal (the out-of-memory killer's SIGKILL). 138 is the one code the Kubeflow
+# training-operator's ExitCode policy reserves for "retryable, chosen by the program" (its
+# retryable set is 130, 137, 138 and 143, not all of 128-255); it reads as 128 + SIGUSR1, a
+# signal dist-train always handles, so no process of ours dies of it.
+EXIT_INFRA = 138
+# Stopped by SIGTERM/SIGUSR1 after saving a checkpoint: resume with the same command. 128 +
+# SIGTERM, what a scheduler expects from a job it sent SIGTERM to.
+EXIT_PREEMPTED = 143
+# A stop signal with checkpoint.enabled=false: nothing to resume from, so not "retry me".
+EXIT_UNSAVED = 1
+RETRYABLE = (EXIT_INFRA, EXIT_PREEMPTED)
+
 
 class DistTrainError(Exception):
     """An error caused by user input, not by a bug in dist_train."""
+
+    exit_code = EXIT_INPUT
 
 
 class ConfigError(DistTrainError):
@@ -24,6 +43,13 @@ class NonFiniteError(DistTrainError):
     (decided through a collective), so only the main rank needs to print it."""
 
     on_every_rank = True
+
+
+class InfraError(DistTrainError):
+    """The machines, not the input: a peer or node lost, the network or the store unreachable.
+    One line like any user-facing error, but a retry can fix it (EXIT_INFRA)."""
+
+    exit_code = EXIT_INFRA
 
 
 class PeerError(DistTrainError):

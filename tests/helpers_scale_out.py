@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import CLI, TESTS, wait_for_metrics
+from conftest import CLI, REPO, TESTS, wait_for_metrics
 from helpers import TINY_GPT
 
 # decay_steps is fixed so that runs of different lengths follow the same schedule step by step.
@@ -28,7 +28,8 @@ RUN = [
 
 def popen(*argv: str, cwd: Path) -> subprocess.Popen[str]:
     """The real `dist-train` in its own session (signals go to it alone), piped."""
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    # The checkout under test first (as conftest's `cli`): not an editable install's.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
         env.pop(var, None)
     return subprocess.Popen(

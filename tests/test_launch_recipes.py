@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from conftest import REPO
-from helpers_launch import PREEMPTED, fake_bin, run
+from helpers_launch import INFRA, PREEMPTED, fake_bin, run
 
 
 def test_local(tmp_path: Path) -> None:
@@ -75,6 +75,26 @@ def test_pytorchjob_replicas_and_restarts() -> None:
     assert {"name": "pytorchjob-port", "containerPort": 23456} in container["ports"]
 
 
+# The Kubeflow training-operator's ExitCode policy as it is implemented (pkg/util/train/
+# train_util.go, IsRetryableExitCode): these codes recreate the pod, every other one fails the
+# job. Its API comment says "128-255: retryable"; the code retries only these.
+OPERATOR_RETRYABLE = {130, 137, 138, 143}
+
+
+def test_pytorchjob_restarts_on_our_retryable_statuses_only() -> None:
+    from dist_train.errors import EXIT_BUG, EXIT_INFRA, EXIT_INPUT, EXIT_PREEMPTED, RETRYABLE
+
+    replicas = pytorchjob()["spec"]["pytorchReplicaSpecs"]
+    assert {spec["restartPolicy"] for spec in replicas.values()} == {"ExitCode"}
+    assert set(RETRYABLE) == {EXIT_PREEMPTED, EXIT_INFRA}
+    assert set(RETRYABLE) <= OPERATOR_RETRYABLE  # a lost peer or a preemption: pod recreated
+    assert not {EXIT_INPUT, EXIT_BUG} & OPERATOR_RETRYABLE  # the input, a bug: job failed
+    # ... and what a dead process of ours shows: 137 (SIGKILL: the OOM killer) is retried too
+    assert 128 + 9 in OPERATOR_RETRYABLE
+    head = (REPO / "launch/pytorchjob.yaml").read_text().split("apiVersion:")[0]
+    assert "130, 137, 138 or 143" in " ".join(head.replace("#", " ").split())
+
+
 def test_pytorchjob_run_dir_is_on_the_shared_volume() -> None:
     pod = pytorchjob()["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -118,8 +138,9 @@ def test_pytorchjob_command(tmp_path: Path) -> None:
     ]
     # exec: dist-train is the container's PID 1, the process Kubernetes sends SIGTERM to
     assert command[2].lstrip().startswith("exec dist-train ")
-    # the exit status reaches the operator unchanged (143 -> pod recreated, 1 -> job failed)
-    for status in (PREEMPTED, 1):
+    # the exit status reaches the operator unchanged (143, 138 -> pod recreated; 2, 1 -> job
+    # failed)
+    for status in (PREEMPTED, INFRA, 2, 1):
         proc = subprocess.run(
             command, env={**env, "DT_EXIT": str(status)}, capture_output=True, timeout=30
         )

@@ -49,6 +49,26 @@ class CrashOnRankOne(nn.Module):
         return self.linear(x)
 
 
+class DieInSaveOnRankOne(TinyRegressor):
+    """Rank 1's process is killed (SIGKILL, as the out-of-memory killer would) inside the first
+    checkpoint save after `after` forward calls: a peer lost during a save."""
+
+    def __init__(self, in_features: int, after: int = 2) -> None:
+        super().__init__(in_features)
+        self.after, self.calls = after, 0
+        self.register_state_dict_pre_hook(self._die_on_rank_one)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+    def _die_on_rank_one(self, *_: object) -> None:
+        if os.environ.get("RANK") == "1" and self.calls > self.after:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class PoisonedLineDataset(LineDataset):
     """LineDataset with one NaN input at index `bad`: a corrupted record in real data."""
 

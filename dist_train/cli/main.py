@@ -8,6 +8,7 @@ what they need when they run, so `dist-train --help` does not pay for torch.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -63,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # through the exit path below, with the documented status and a line saying so.
     for signum in PREEMPT_SIGNALS:
         signal.signal(signum, _raise_terminated)
+    # Before torch loads (it reads this once), and inherited by the workers: torch's C++ log
+    # (c10d's store retries with 20-line stack dumps, "hostname cannot be retrieved") stays
+    # off; our one-line errors say what failed. TORCH_CPP_LOG_LEVEL=WARNING shows it again.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     parser = build_parser()
     # Overrides may come before or after options: collect stray key=value words too.
     args, extra = parser.parse_known_args(argv)
@@ -76,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except DistTrainError as e:
         if _speaks(e):
             print(f"error: {e}", file=sys.stderr)
-        code = 2
+        code = e.exit_code  # 2 for the user's input, EXIT_INFRA for what a retry can fix
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130

@@ -50,21 +50,20 @@ def run_worker(cfg: RunConfig, owned: bool = False) -> int:
                 if watch is not None:
                     watch.leaving = True  # closing (an async save may finish): not stuck
                 trainer.close()
-    except RuntimeError as e:  # a peer that timed out or went away: name it, not our traceback
+    except (Exception, KeyboardInterrupt) as e:
         if watch is None:
             raise
         watch.leaving = True
-        # Explain first (it reads the peers' progress), then tell them: a stalled peer is ended
-        # FAILED_GRACE_S after `failed()`, and must not exit before this rank has said why.
+        # A peer that timed out or went away (also during a save): named in one line that a
+        # retry can fix, not our traceback. Explain first (it reads the peers' progress), then
+        # tell them: a stalled peer is ended FAILED_GRACE_S after `failed()`, and must not exit
+        # before this rank has said why.
         error = watch.explain(e, cfg.parallel.timeout_s, Path(cfg.train.run_dir))
-        watch.failed()
+        if error is not e or not getattr(e, "on_every_rank", False):  # those: every rank alike
+            watch.failed()
+        if error is e:
+            raise
         raise error from None
-    except (Exception, KeyboardInterrupt) as e:
-        if watch is not None:
-            watch.leaving = True
-            if not getattr(e, "on_every_rank", False):  # every rank raises those by itself
-                watch.failed()
-        raise
     finally:
         if watch is not None:
             watch.close()

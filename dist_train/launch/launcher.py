@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dist_train.errors import ConfigError, first_line
+from dist_train.errors import (
+    EXIT_INFRA,
+    EXIT_INPUT,
+    EXIT_PREEMPTED,
+    EXIT_UNSAVED,
+    ConfigError,
+    InfraError,
+    first_line,
+)
 from dist_train.launch.network import (
     IFNAME_VARS,
     default_route_addr,
@@ -17,7 +25,7 @@ from dist_train.launch.network import (
     is_loopback,
     local_addr_to,
 )
-from dist_train.launch.signals import EXIT_PREEMPTED, EXIT_UNSAVED, PREEMPT_SIGNALS
+from dist_train.launch.signals import PREEMPT_SIGNALS
 
 # torch loads only once the workers start: a bad command line fails fast without it.
 if TYPE_CHECKING:
@@ -143,8 +151,10 @@ def how_it_ended(exitcode: int) -> str:
     nothing (an out-of-memory kill is SIGKILL)."""
     if exitcode == EXIT_PREEMPTED:
         return f"stopped on a stop signal (exit code {exitcode}; node 0 says what was saved)"
-    if exitcode == 2:  # a dist-train error: the worker printed it as one line
+    if exitcode == EXIT_INPUT:  # a dist-train error: the worker printed it as one line
         return "stopped the run with the error above"
+    if exitcode == EXIT_INFRA:  # it printed which peer, node or network failed
+        return "lost a peer, its node or the network (the error above)"
     if exitcode >= 0:
         return f"failed with exit code {exitcode} (its output is above)"
     try:
@@ -153,6 +163,13 @@ def how_it_ended(exitcode: int) -> str:
         name = f"signal {-exitcode}"
     hint = " (the kernel's out-of-memory killer sends it too)" if name == "SIGKILL" else ""
     return f"was killed by {name}{hint}, so it printed nothing"
+
+
+def exit_status(exitcode: int) -> int:
+    """The launcher's status for a worker's: a worker killed by a signal (the out-of-memory
+    killer, a node going down) is an infrastructure failure a retry can fix, like a lost peer;
+    the others pass through (2: the input, 1: a bug, 138/143: retryable)."""
+    return EXIT_INFRA if exitcode < 0 else exitcode
 
 
 def join_nodes(launch: LaunchConfig) -> None:
@@ -196,12 +213,13 @@ def launch(
     try:
         run(parse_args(torchrun_argv(launch, worker_args, log_dir)))
     except DistError as e:  # the agents' store: a node that never came, an unreachable node 0
-        raise ConfigError(
-            "--rdzv-endpoint",
-            launch.rdzv_endpoint,
-            f"the rendezvous of {launch.nnodes} node(s) failed ({first_line(e)}); all nodes "
-            f"must start the same command within --rdzv-timeout={launch.rdzv_timeout_s} s, "
-            f"with --node-rank 0..{launch.nnodes - 1} and node 0's address as the endpoint",
+        # Retryable: a node the scheduler started late, or lost, comes next time; a wrong
+        # endpoint fails every retry the same way, and the line says what to check.
+        raise InfraError(
+            f"--rdzv-endpoint={launch.rdzv_endpoint!r}: the rendezvous of {launch.nnodes} "
+            f"node(s) failed ({first_line(e)}); all nodes must start the same command within "
+            f"--rdzv-timeout={launch.rdzv_timeout_s} s, with --node-rank 0..{launch.nnodes - 1} "
+            "and node 0's address as the endpoint"
         ) from None
     except ChildFailedError as e:
         return _worker_failed(e)
@@ -213,14 +231,26 @@ def launch(
 
 
 def _worker_failed(error: ChildFailedError) -> int:
-    """Name the worker that failed first and return its exit status (128 + N for signal N)."""
+    """Name the worker that failed first and return the status that says what a retry can do
+    (see `exit_status`). A worker that stopped on a stop signal (one that reached another node,
+    or a worker alone) did so once every rank had saved the checkpoint: not an error."""
     rank, failure = error.get_first_failure()  # the root cause; the others were stopped after it
+    if failure.exitcode == EXIT_PREEMPTED:
+        print(
+            "dist-train: the workers stopped on a stop signal that reached another node or a "
+            "worker (not this launcher) and saved (rank 0's line says where); exit status "
+            f"{EXIT_PREEMPTED}: run the same command to continue",
+            file=sys.stderr,
+        )
+        return EXIT_PREEMPTED
+    status = exit_status(failure.exitcode)
+    retry = " (a retry can fix it)" if status == EXIT_INFRA else ""
     print(
         f"error: worker rank {rank} {how_it_ended(failure.exitcode)}; the other workers "
-        "were stopped",
+        f"were stopped; exit status {status}{retry}",
         file=sys.stderr,
     )
-    return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+    return status
 
 
 def _stopped_by(sigval: signal.Signals, saves: bool) -> int:

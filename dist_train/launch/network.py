@@ -9,7 +9,7 @@ import socket
 import struct
 import sys
 
-from dist_train.errors import ConfigError
+from dist_train.errors import InfraError
 
 SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -42,11 +42,11 @@ def local_addr_to(endpoint: str) -> str:
             s.connect(sockaddr)
             return str(s.getsockname()[0])
     except OSError as e:
-        raise ConfigError(
-            "--rdzv-endpoint",
-            endpoint,
-            f"cannot reach {host} from this machine ({e.strerror or e}); use node 0's address "
-            "as the other nodes see it",
+        # Retryable: a typo fails every time, but a name not resolvable yet (a PyTorchJob's
+        # worker pod can start before the master's service is in DNS) comes with a retry.
+        raise InfraError(
+            f"--rdzv-endpoint={endpoint!r}: cannot reach {host} from this machine "
+            f"({e.strerror or e}); use node 0's address as the other nodes see it"
         ) from None
 
 

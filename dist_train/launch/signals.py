@@ -10,12 +10,10 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
+# The exit statuses live in one table (dist_train.errors); these two are a stop signal's.
+from dist_train.errors import EXIT_PREEMPTED, EXIT_UNSAVED
+
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# 128 + SIGTERM: what schedulers see from a job stopped by SIGTERM, and what Kubernetes' ExitCode
-# restart policy and `launch/slurm.sbatch` treat as "requeue me" (the checkpoint is written).
-EXIT_PREEMPTED = 128 + int(signal.SIGTERM)
-# A stop signal with checkpoint.enabled=false: nothing to resume from, so not "requeue me".
-EXIT_UNSAVED = 1
 
 
 class Terminated(BaseException):

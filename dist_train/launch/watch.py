@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from dist_train.errors import DistTrainError, first_line
+from dist_train.errors import EXIT_INFRA, DistTrainError, InfraError, first_line
 from dist_train.launch.env import DistEnv, restart_count
 
 PHASES = {  # in the order a step goes through them
@@ -38,7 +38,16 @@ STORE_TIMEOUT_S = 2.0  # after a failure: node 0's store answers at once, or is 
 SILENT_S = 1.5  # no post for this long (3 posting periods): the rank, or the way to it, is gone
 FAILED_GRACE_S = 3.0  # time for a rank to fail on its own (and say why) before it is ended
 # What gloo and NCCL say when a peer does not answer in time or went away.
-PEER_TROUBLE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+PEER_TROUBLE = (
+    "timed out",
+    "timeout",
+    "connection closed",
+    "connection reset",
+    "connection refused",
+    "broken pipe",
+    "remote process exited",  # NCCL
+    "network error",  # NCCL
+)
 
 
 class Progress:
@@ -131,7 +140,7 @@ class Watch:
             file=sys.stderr,
             flush=True,
         )
-        os._exit(1)
+        os._exit(EXIT_INFRA)  # its own failure is a peer's: what a retry can fix
 
     def failed(self) -> None:
         """Tell the other ranks this one failed (and printed why): a rank stuck in its own
@@ -149,9 +158,10 @@ class Watch:
         self._thread.join(timeout=2)
 
     def explain(self, error: BaseException, timeout_s: float, run_dir: Path) -> BaseException:
-        """A peer failure as one line naming the rank(s) behind, their step and phase; the
-        traceback goes to RUN_DIR/logs. Other errors come back unchanged."""
-        if not any(word in str(error).lower() for word in PEER_TROUBLE):
+        """A peer failure as one line naming the rank(s) behind, their step and phase, as an
+        InfraError (a retry can fix it); the traceback goes to RUN_DIR/logs. Other errors come
+        back unchanged."""
+        if not peer_trouble(error):
             return error
         log = _write_traceback(error, run_dir / "logs" / f"rank_{self.env.rank}.traceback.txt")
         me = self.progress.report(0)
@@ -167,26 +177,12 @@ class Watch:
         behind = {
             r: p for r, p in others.items() if r not in silent and p.position() < me.position()
         }
-        waited = f"rank {self.env.rank} waited {PHASES[me.phase]} at step {me.step + 1}"
-        names = [
-            f"rank {r} stopped reporting (its process, its node or the network to it is "
-            f"gone; it was last {p.describe()})"
-            for r, p in sorted(silent.items())
-        ] + [f"rank {r} is {p.describe()}" for r, p in sorted(behind.items())]
-        if names:
-            text = f"{'; '.join(names)} while {waited} (parallel.timeout_s={timeout_s:g})"
-        elif others:
-            text = (
-                f"every rank that reports is as far as this one ({waited}), yet the "
-                "collective did not complete: the network between the workers failed, or a "
-                f"rank is stuck inside it ({first_line(error)})"
-            )
-        else:  # not even the store (on node 0) answers: this node is cut off
-            text = (
-                f"{waited} and cannot reach the rendezvous store on node 0 either: the network "
-                f"from this node failed ({first_line(error)})"
-            )
-        failure = DistTrainError(f"{text}; traceback in {log}")
+        text = _peer_text(me, self.env.rank, silent, behind, bool(others), error)
+        if me.phase == "checkpoint" or str(error).startswith("checkpoint:"):
+            # Not the disk: the save's collectives lost a peer (a commit needs every rank).
+            text += "; a peer was lost during the checkpoint save, which did not complete (the "
+            text += "checkpoints before it are untouched)"
+        failure = InfraError(f"{text} (parallel.timeout_s={timeout_s:g}); traceback in {log}")
         # The waiting ranks of a node find the same laggards: the lowest-numbered speaks (each
         # node's launcher prints to its own terminal, so one per node).
         node = self.env.rank // self.env.local_world_size
@@ -194,6 +190,59 @@ class Watch:
         first_waiting = min(set(here) - set(behind) - set(silent), default=self.env.rank)
         failure.quiet = self.env.rank != first_waiting  # type: ignore[attr-defined]
         return failure
+
+
+def peer_trouble(error: BaseException) -> bool:
+    """A collective that timed out or lost its peer (gloo's and NCCL's RuntimeErrors), or a
+    checkpoint save that failed for that reason."""
+    if not isinstance(error, RuntimeError) and not str(error).startswith("checkpoint:"):
+        return False
+    return any(word in str(error).lower() for word in PEER_TROUBLE)
+
+
+def _peer_text(
+    me: Report,
+    rank: int,
+    silent: dict[int, Report],
+    behind: dict[int, Report],
+    reachable: bool,
+    error: BaseException,
+) -> str:
+    """What the waiting rank `rank` (at `me`) can say about its peers."""
+    waited = f"rank {rank} waited {PHASES[me.phase]} at step {me.step + 1}"
+    names = [
+        f"rank {r} stopped reporting (its process, its node or the network to it is gone; "
+        f"{_last_seen(p, me)})"
+        for r, p in sorted(silent.items())
+    ] + [f"rank {r} is {p.describe()}" for r, p in sorted(behind.items())]
+    if names:
+        return f"{'; '.join(names)} while {waited}"
+    if reachable:
+        return (
+            f"every rank that reports is as far as this one ({waited}), yet the collective did "
+            "not complete: the network between the workers failed, or a rank is stuck inside it "
+            f"({first_line(error)})"
+        )
+    # not even the store (on node 0) answers: this node is cut off
+    return (
+        f"{waited} and cannot reach the rendezvous store on node 0 either: the network from "
+        f"this node failed ({first_line(error)})"
+    )
+
+
+def _last_seen(last: Report, me: Report) -> str:
+    """A silent rank's last report, if it can still be where that rank was. Reports are posted
+    twice a second, many steps apart on a fast run; but every rank took part in this rank's
+    gradient all-reduces up to step `done`, so a report from before that is stale, and where
+    the rank was is unknown."""
+    after_all_reduce = list(PHASES).index(me.phase) > list(PHASES).index("forward/backward")
+    done = me.step + 1 if after_all_reduce else me.step  # steps counted from 1
+    if last.step + 1 >= done:
+        return f"it was last {last.describe()}"
+    return (
+        f"where it was is unknown: it got past step {done} with this rank, and its last "
+        f"report, from step {last.step + 1}, is older"
+    )
 
 
 def _write_traceback(error: BaseException, log: Path) -> Path:
