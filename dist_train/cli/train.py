@@ -26,7 +26,8 @@ def run_worker(cfg: RunConfig, owned: bool = False) -> int:
     caller (this process, or the launcher of `--nproc N`) holds the run directory; under plain
     torchrun nobody does yet, and rank 0 takes it."""
     from dist_train.launch.env import dist_session, read_env, under_torchrun
-    from dist_train.launch.watch import Progress, Watch, check_shared_run_dir
+    from dist_train.launch.shared_dir import check_shared_run_dir
+    from dist_train.launch.watch import Progress, Watch
     from dist_train.train.build import build_trainer
 
     stop = StopRequest()

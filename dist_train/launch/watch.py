@@ -1,14 +1,12 @@
 """Each worker's progress where its peers can read it, so that a collective that times out
 names the rank that did not arrive (and its step and phase) instead of the waiting rank's
-gloo traceback; a worker whose launcher died stops instead of training on unsupervised; and
-a multi-node run checks that every node sees the one run directory.
+gloo traceback; a worker whose launcher died stops instead of training on unsupervised.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import socket
 import sys
 import threading
@@ -17,10 +15,11 @@ import traceback
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
-from dist_train.errors import EXIT_INFRA, DistTrainError, InfraError, first_line
+from dist_train.errors import EXIT_INFRA, InfraError, first_line
 from dist_train.launch.env import DistEnv, restart_count
 
 PHASES = {  # in the order a step goes through them
@@ -37,6 +36,7 @@ FAILED = "failed"  # store key: some rank failed; the others must not linger
 STORE_TIMEOUT_S = 2.0  # after a failure: node 0's store answers at once, or is out of reach
 SILENT_S = 1.5  # no post for this long (3 posting periods): the rank, or the way to it, is gone
 FAILED_GRACE_S = 3.0  # time for a rank to fail on its own (and say why) before it is ended
+FAILED_EXIT_WAIT_S = 60.0  # the most a stuck rank waits for the failed one to exit first
 # What gloo and NCCL say when a peer does not answer in time or went away.
 PEER_TROUBLE = (
     "timed out",
@@ -93,6 +93,20 @@ def _store(timeout_s: float) -> dist.Store | None:
     return dist.PrefixStore(f"dist_train/progress/{run}/{restart_count()}", store)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    # A zombie (exited, not yet reaped by the agent) has exited for the launcher's purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 class Watch:
     """A daemon thread: posts this rank's progress when it changes, and ends the process
     when its parent (torchrun's agent, inside `dist-train`'s launcher) is gone."""
@@ -123,17 +137,25 @@ class Watch:
                     seq += 1
                     store.set(str(self.env.rank), json.dumps(asdict(p.report(seq))))
                     if not self.leaving and store.check([FAILED]):
-                        self._end_if_stuck()
+                        self._end_if_stuck(store)
             except Exception:  # not up yet, or gone: try again; the parent check goes on
                 store = None
 
-    def _end_if_stuck(self) -> None:
+    def _end_if_stuck(self, store: Any) -> None:
         """A peer failed and said why. This rank gets a moment to fail on its own; if its loop
         is still where it was, it is stuck (in its own code: the agent's SIGTERM would only ask
-        it to stop at a log step it never reaches) and ends here."""
+        it to stop at a log step it never reaches) and ends here, after the failed peer's
+        process when it runs on this host: the launcher names the worker that exited first,
+        which must be the cause, not this consequence (however loaded the machine)."""
         where = self.progress.at
         if self._stop.wait(FAILED_GRACE_S) or self.leaving or self.progress.at != where:
             return
+        failed = json.loads(store.get(FAILED))
+        if isinstance(failed, dict) and failed.get("host") == socket.gethostname():
+            deadline = time.monotonic() + FAILED_EXIT_WAIT_S
+            while _pid_alive(int(failed["pid"])) and time.monotonic() < deadline:
+                if self._stop.wait(0.1) or self.leaving:
+                    return
         print(
             f"dist-train: rank {self.env.rank}: another rank failed while this one was "
             f"{self.progress.report(0).describe()}; stopping it",
@@ -148,7 +170,8 @@ class Watch:
         try:
             store = _store(timeout_s=STORE_TIMEOUT_S)
             if store is not None:
-                store.set(FAILED, str(self.env.rank))
+                record = {"rank": self.env.rank, "host": socket.gethostname(), "pid": os.getpid()}
+                store.set(FAILED, json.dumps(record))
         except Exception:
             pass
 
@@ -268,34 +291,3 @@ def read_progress(store: dist.Store | None, world_size: int, exclude: int) -> di
         return {int(k): Report(**json.loads(v)) for k, v in zip(posted, values, strict=True)}
     except Exception:  # the store went too: the caller says so
         return {}
-
-
-def check_shared_run_dir(run_dir: Path, env: DistEnv) -> None:
-    """Several nodes must share one run directory: rank 0 writes a token there and every rank
-    must read it back. Node-local directories would train to the end and then lose the run
-    in the first save. Collective; nothing stays behind."""
-    if env.local_world_size >= env.world_size:  # one node: one filesystem
-        return
-    token = [secrets.token_hex(8) if env.is_main else ""]
-    dist.broadcast_object_list(token)
-    path = run_dir / f".shared-check-{token[0]}"
-    if env.is_main:
-        path.write_text(token[0])
-    dist.barrier()
-    try:
-        seen = env.is_main or path.read_text() == token[0]
-    except OSError:
-        seen = False
-    views: list[tuple[int, str, bool]] = [(0, "", True)] * env.world_size
-    dist.all_gather_object(views, (env.rank, socket.gethostname(), seen))
-    if env.is_main:
-        path.unlink(missing_ok=True)
-    blind = [(rank, host) for rank, host, ok in views if not ok]
-    if blind:
-        ranks = ", ".join(f"rank {rank} on {host}" for rank, host in blind)
-        error = DistTrainError(
-            f"train.run_dir={str(run_dir)!r}: {ranks} cannot see what rank 0 wrote there; "
-            "every node must reach one shared directory (e.g. on NFS or Lustre) at this path"
-        )
-        error.on_every_rank = True  # type: ignore[attr-defined]
-        raise error
