@@ -23,6 +23,7 @@ from dist_train.config.schema import RunConfig
 from dist_train.config.targets import call_target, resolve_target
 from dist_train.data.datasets import DataSpec
 from dist_train.data.loader import BatchLoader
+from dist_train.errors import ConfigError
 from dist_train.launch.env import DistEnv
 from dist_train.models.protocol import logits_of
 from dist_train.parallel.precision import Precision
@@ -99,15 +100,31 @@ def known_metric_names(cfg: RunConfig, spec: DataSpec) -> list[str] | None:
         declared = getattr(resolve_target(target, "train.metrics"), "names", None)
         if declared is None:
             return None
+        if isinstance(declared, str) or not all(isinstance(n, str) for n in declared):
+            raise ConfigError(
+                "train.metrics", target, f"its names must be a list of strings, not {declared!r}"
+            )
         names += list(declared)
     return [f"val/{n}" for n in names]
 
 
 def build_metrics(cfg: RunConfig, spec: DataSpec) -> list[Metric]:
+    """The task's metrics and the user's (`train.metrics`), each checked to be a metric: called
+    before the run writes anything, so a bad one leaves the run directory as it was."""
     metrics: list[Metric] = [LossMetric(spec.task)]
     if spec.task == "classification":
         metrics.append(ClassificationMetrics())
-    metrics += [call_target(t, "train.metrics", "train.metrics") for t in cfg.train.metrics]
+    for target in cfg.train.metrics:
+        metric = call_target(target, "train.metrics", "train.metrics")
+        missing = [m for m in ("update", "compute") if not callable(getattr(metric, m, None))]
+        if missing:
+            raise ConfigError(
+                "train.metrics",
+                target,
+                f"{type(metric).__name__} has no {' or '.join(missing)} method; a metric has "
+                "update(output, target) -> 1-D tensor of sums and compute(sums) -> {name: value}",
+            )
+        metrics.append(metric)
     return metrics
 
 
