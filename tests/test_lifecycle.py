@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from dist_train.checkpoint.files import complete_checkpoints, read_manifest
 from dist_train.errors import ConfigError
 from dist_train.launch.rundir import LOCK, UNREADABLE_STALE_S, RunLock
 
-from conftest import cli
+from conftest import REPO, TESTS, cli
 from helpers import StopTraining
 from helpers_run_safety import QUICK, one_line, records, snapshot
 
@@ -88,6 +89,37 @@ def test_a_crash_before_the_first_checkpoint_restarts_with_the_same_command(
     assert {s: again[s] for s in crashed} == crashed  # a clean restart: the same steps again
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step_0000010"]
     assert not (run / LOCK).exists()
+
+
+def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Plain torchrun with 2 workers: rank 0 owns the run directory, not a launcher of ours."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "dist_train", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["--nproc 2", "torchrun"])
+def test_two_workers_restart_a_run_that_crashed_before_its_first_checkpoint(
+    launcher: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    command = ["train", *QUICK, f"train.run_dir={run}"]
+    with monkeypatch.context() as m:
+        crash_during(m, 3)
+        with pytest.raises(StopTraining):
+            cli(*command)
+    crashed = losses(run)
+    plain = launcher == "torchrun"
+    proc = torchrun(command, tmp_path) if plain else cli(*command, "--nproc", "2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("stopped before its first checkpoint") == 1  # said once
+    (aside,) = (run / "previous").iterdir()
+    assert losses(aside) == crashed
+    assert sorted(losses(run)) == list(range(1, 11))
 
 
 def test_an_earlier_run_is_told_apart_by_the_settings_a_resume_may_not_change(
