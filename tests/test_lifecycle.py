@@ -270,3 +270,14 @@ def test_an_empty_lock_left_by_a_kill_does_not_wedge_the_run_directory(tmp_path:
     assert proc.returncode == 0, proc.stderr
     assert f"taking over the unreadable lock {run / LOCK}" in proc.stdout
     assert not (run / LOCK).exists()
+
+
+def test_the_readme_tables_every_state() -> None:
+    from dist_train.train import lifecycle
+
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("## Run lifecycle", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    states = [lifecycle.FRESH, lifecycle.STOPPED, lifecycle.CRASHED, lifecycle.FINISHED]
+    for state in [*states, lifecycle.STOPPED_EARLY, "running", "another run"]:
+        assert any(row.startswith(state) for row in rows), state
