@@ -133,6 +133,13 @@ CASES: list[tuple[str, list[str], Setup, str]] = [
         "train.metrics='builtins.object': object has no update or compute method",
     ),
     (
+        "metric update without target",
+        ["train.metrics=[user_plugins.UpdateWithoutTarget]"],
+        _none,
+        "train.metrics='user_plugins.UpdateWithoutTarget': UpdateWithoutTarget.update does not "
+        "take 2 argument(s)",
+    ),
+    (
         "unreachable tracking server",
         ["log.backends=[jsonl,mlflow]", "log.mlflow_uri=http://127.0.0.1:1"],
         _none,

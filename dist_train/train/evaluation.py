@@ -11,6 +11,7 @@ metric is plugged in by import path (`train.metrics`), built with no arguments.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Protocol
 
@@ -116,16 +117,30 @@ def build_metrics(cfg: RunConfig, spec: DataSpec) -> list[Metric]:
         metrics.append(ClassificationMetrics())
     for target in cfg.train.metrics:
         metric = call_target(target, "train.metrics", "train.metrics")
-        missing = [m for m in ("update", "compute") if not callable(getattr(metric, m, None))]
-        if missing:
-            raise ConfigError(
-                "train.metrics",
-                target,
-                f"{type(metric).__name__} has no {' or '.join(missing)} method; a metric has "
-                "update(output, target) -> 1-D tensor of sums and compute(sums) -> {name: value}",
-            )
+        check_metric(metric, target)
         metrics.append(metric)
     return metrics
+
+
+METRIC_SHAPE = "update(output, target) -> 1-D tensor of sums and compute(sums) -> {name: value}"
+
+
+def check_metric(metric: Any, target: str) -> None:
+    """A user's metric has the methods evaluation calls, taking the arguments it passes: found
+    now, not at the first evaluation after steps of training."""
+    name = type(metric).__name__
+    missing = [m for m in ("update", "compute") if not callable(getattr(metric, m, None))]
+    if missing:
+        reason = f"{name} has no {' or '.join(missing)} method; a metric has {METRIC_SHAPE}"
+        raise ConfigError("train.metrics", target, reason)
+    for method, args in (("update", 2), ("compute", 1)):
+        try:
+            inspect.signature(getattr(metric, method)).bind(*[None] * args)
+        except TypeError as e:
+            reason = f"{name}.{method} does not take {args} argument(s) ({e}); a metric has {METRIC_SHAPE}"
+            raise ConfigError("train.metrics", target, reason) from None
+        except ValueError:  # no signature to inspect (a builtin): the call decides
+            pass
 
 
 class MetricSums:
