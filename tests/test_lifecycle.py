@@ -244,6 +244,13 @@ def test_an_unreadable_lock_is_stale_once_old_and_waited_for_while_young(tmp_pat
     lock.acquire(said.append, wait=nobody_writes)
     assert len(waits) == 1 and "unreadable lock" in said.pop()
     lock.release()
+    lock_file.write_text("")
+    age(lock_file, -60)  # written by a host whose clock runs a minute ahead of ours
+    waits.clear()
+    lock = RunLock(tmp_path)
+    lock.acquire(said.append, wait=waits.append)  # stale once watched that long, unread
+    assert sum(waits) == pytest.approx(UNREADABLE_STALE_S) and "unreadable lock" in said.pop()
+    lock.release()
     assert not said
 
 

@@ -135,7 +135,9 @@ class RunLock:
 
     def _settled_holder(self, wait: Callable[[float], None]) -> tuple[bool, dict[str, Any] | None]:
         """(whether the lock file still exists, its record): an unreadable file is re-read
-        until it is UNREADABLE_STALE_S old by its mtime, then reported as None (stale)."""
+        until it is UNREADABLE_STALE_S old by its mtime (or has stayed unreadable that long
+        while we watched: another host's clock may be ahead), then reported as None (stale)."""
+        waited = 0.0
         while True:
             holder = self._holder()
             if holder is not None:
@@ -144,9 +146,11 @@ class RunLock:
                 age = time.time() - self.path.stat().st_mtime
             except FileNotFoundError:
                 return False, None
-            if age >= UNREADABLE_STALE_S:
+            if max(age, waited) >= UNREADABLE_STALE_S:
                 return True, None
-            wait(min(0.25, UNREADABLE_STALE_S - age))
+            pause = min(0.25, UNREADABLE_STALE_S - max(age, waited))
+            wait(pause)
+            waited += pause
 
     def _holder(self) -> dict[str, Any] | None:
         try:
