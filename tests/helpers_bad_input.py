@@ -40,6 +40,12 @@ def _hold_lock(run: Path) -> None:  # a live process on this host: this test's o
     )
 
 
+def _no_checkpoint(run: Path) -> None:  # a run that crashed before its first commit
+    import shutil
+
+    shutil.rmtree(run / "checkpoints")
+
+
 RUN_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
     ("export to a directory", lambda run: None, ["export", "{run}", "--out", "{run}"], "--out="),
     (
@@ -85,5 +91,17 @@ RUN_CASES: list[tuple[str, Callable[[Path], None], list[str], str]] = [
         lambda run: None,
         ["train", "{cfg}", "train.max_steps=6", "model.n_layer=3", "--nproc", "2"],
         "resume=",
+    ),
+    (
+        "bad metric with train.overwrite",
+        lambda run: None,
+        ["train", "{cfg}", "train.overwrite=true", "train.metrics=[builtins.object]"],
+        "train.metrics=",
+    ),
+    (
+        "another run without a checkpoint",
+        _no_checkpoint,
+        ["train", "{cfg}", "model.n_layer=3"],
+        "train.run_dir=",
     ),
 ]

@@ -125,6 +125,26 @@ CASES: list[tuple[str, list[str], Setup, str]] = [
         "train.overwrite=True",
     ),
     ("no CUDA", ["train.device=cuda"], _none, "train.device='cuda'"),
+    ("metric that does not fit", ["train.metrics=[torch.nn.Linear]"], _none, "train.metrics="),
+    (
+        "not a metric",
+        ["train.metrics=[builtins.object]"],
+        _none,
+        "train.metrics='builtins.object': object has no update or compute method",
+    ),
+    (
+        "metric update without target",
+        ["train.metrics=[user_plugins.UpdateWithoutTarget]"],
+        _none,
+        "train.metrics='user_plugins.UpdateWithoutTarget': UpdateWithoutTarget.update does not "
+        "take 2 argument(s)",
+    ),
+    (
+        "unreachable tracking server",
+        ["log.backends=[jsonl,mlflow]", "log.mlflow_uri=http://127.0.0.1:1"],
+        _none,
+        "log.",  # log.mlflow_uri, or log.backends where mlflow is not installed
+    ),
 ]
 # Found in the parent too, before any worker starts, with 2 workers.
 ALSO_TWO = {
@@ -134,6 +154,8 @@ ALSO_TWO = {
     "odd train.bin",
     "vocab too small (key)",
     "YAML scalar section",
+    "not a metric",
+    "unreachable tracking server",
 }
 
 

@@ -216,6 +216,16 @@ class SampleCounter:
         return {"count": count, "id_sum": total, "id_squares": squares}
 
 
+class UpdateWithoutTarget:
+    """A user metric whose update forgot the target argument."""
+
+    def update(self, output: torch.Tensor) -> torch.Tensor:
+        return output.sum().view(1)
+
+    def compute(self, sums: torch.Tensor) -> dict[str, float]:
+        return {"sum": sums.item()}
+
+
 class SlowLines(LineDataset):
     """Each item takes at least `seconds` to read (a slow disk): a lower bound a test can rely
     on, whatever the machine's load."""

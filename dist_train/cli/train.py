@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dist_train.cli.run_args import add_run_args, launch_config
 from dist_train.errors import DistTrainError, PeerError
-from dist_train.launch.rundir import OWNER_ENV, RunLock, owned_run_dir, prepare
+from dist_train.launch.rundir import OWNER_ENV, RunLock, owned_run_dir
 from dist_train.launch.signals import StopRequest
 
 if TYPE_CHECKING:
@@ -21,10 +21,11 @@ if TYPE_CHECKING:
     from dist_train.launch.env import DistEnv
 
 
-def run_worker(cfg: RunConfig, owned: bool = False) -> int:
+def run_worker(cfg: RunConfig, owned: bool = False, claim: Callable[[], None] | None = None) -> int:
     """One worker's whole life: join the group, train, always leave the group. `owned`: the
     caller (this process, or the launcher of `--nproc N`) holds the run directory; under plain
-    torchrun nobody does yet, and rank 0 takes it."""
+    torchrun nobody does yet, and rank 0 takes it. `claim`: the owner's moves in it
+    (`lifecycle.Start.apply`), made once every check has passed."""
     from dist_train.launch.env import dist_session, read_env, under_torchrun
     from dist_train.launch.shared_dir import check_shared_run_dir
     from dist_train.launch.watch import Progress, Watch
@@ -38,12 +39,13 @@ def run_worker(cfg: RunConfig, owned: bool = False) -> int:
     try:
         with (
             dist_session(env, cfg.parallel.timeout_s),
-            nullcontext() if owned else _rank0_owns(cfg, env),
+            nullcontext(claim) if owned else _rank0_owns(cfg, env) as claim,
         ):
             check_shared_run_dir(Path(cfg.train.run_dir), env)
             if env.is_main and not owned:  # plain torchrun or accelerate: nobody said it yet
                 _say_world(env)
-            trainer = build_trainer(cfg, env, stop, watch.progress if watch else Progress())
+            progress = watch.progress if watch else Progress()
+            trainer = build_trainer(cfg, env, stop, progress, claim)
             try:
                 stop.arm()  # from here a stop signal saves at the next log step
                 trainer.fit()
@@ -81,12 +83,6 @@ def _say_world(env: DistEnv) -> None:
     )
 
 
-def _fresh_start(cfg: RunConfig) -> bool:
-    from dist_train.checkpoint.files import resolve_resume
-
-    return resolve_resume(cfg) is None
-
-
 def _recover_checkpoints(run_dir: Path) -> None:
     """The owner, first thing: finish or roll back what a crash cut short among the
     checkpoints, before anything decides from them where the run resumes."""
@@ -96,26 +92,35 @@ def _recover_checkpoints(run_dir: Path) -> None:
 
 
 @contextmanager
-def _rank0_owns(cfg: RunConfig, env: DistEnv) -> Iterator[None]:
-    """Plain torchrun: rank 0 locks and prepares the run directory and every rank learns
-    whether it could (a collective), so no rank trains on alone or waits for a peer that left."""
+def _rank0_owns(cfg: RunConfig, env: DistEnv) -> Iterator[Callable[[], None] | None]:
+    """Plain torchrun: rank 0 locks the run directory and decides how this start continues it
+    (`inspect_run_dir`), and every rank learns whether it could (a collective), so no rank
+    trains on alone or waits for a peer that left. Yields the claim every rank passes to
+    `build_trainer` (rank 0's makes the moves), or None for a restarted group, which continues
+    what the first one started."""
     from dist_train.launch.env import all_agree, restart_count
+    from dist_train.train.lifecycle import inspect_run_dir
 
     lock, error = RunLock(Path(cfg.train.run_dir)), None
+    apply: Callable[[], None] = _nothing
     if env.is_main:
         try:
             lock.acquire()
             _recover_checkpoints(lock.run_dir)
-            if restart_count() == 0:  # a restarted group continues what the first one prepared
-                prepare(lock.run_dir, _fresh_start(cfg), cfg.train.overwrite, print)
+            if restart_count() == 0:  # a restarted group continues what the first one started
+                apply = inspect_run_dir(cfg).apply
         except DistTrainError as e:
             error = e
     try:
         if not all_agree(error is None, env):
             raise error or PeerError(f"rank 0 could not take {cfg.train.run_dir}")
-        yield
+        yield apply if restart_count() == 0 else None
     finally:
         lock.release()
+
+
+def _nothing() -> None:
+    """The claim of a rank that is not rank 0: rank 0 makes the moves."""
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -131,6 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for note in notes:
             print(f"note: {note}", flush=True)
     from dist_train.launch.launcher import check_launch, launch
+    from dist_train.train.lifecycle import inspect_run_dir
     from dist_train.train.plan import build_plan, device_kind
 
     if under_torchrun():  # we are a worker: torchrun already decided the world
@@ -147,13 +153,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if lc.node_rank == 0:
             _recover_checkpoints(run_dir)
         if lc.world_size == 1:
-            return _train_alone(cfg, run_dir)
+            return _train_alone(cfg)
         plan = build_plan(cfg, lc.world_size)  # every config error surfaces here, once
-        if plan.resume_step >= cfg.train.max_steps:
-            print(
-                f"done already: {plan.resume_from} is at step {plan.resume_step} "
-                f"(train.max_steps={cfg.train.max_steps}); raise train.max_steps to train further"
-            )
+        # Node 0 owns the directory and decides how this start continues it (reading only).
+        start = inspect_run_dir(cfg) if lc.node_rank == 0 else None
+        done = start.done if start is not None else plan.done
+        if done is not None:  # nothing to train: nothing started, nothing written
+            print(done)
             return 0
         print(
             f"dist-train: {lc.nproc} workers x {lc.nnodes} node(s), {plan.backend} on "
@@ -163,18 +169,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         for note in plan.notes:
             print(f"note: {note}", flush=True)
-        if lc.node_rank == 0:
-            prepare(run_dir, plan.resume_from is None, cfg.train.overwrite, print)
+        if start is not None:
+            start.apply(print)
         os.environ[OWNER_ENV] = f"launcher {os.getpid()}"
         worker_args = ["train", args.config, *args.overrides]
         return launch(lc, worker_args, run_dir, saves=cfg.checkpoint.enabled)
 
 
-def _train_alone(cfg: RunConfig, run_dir: Path) -> int:
-    """One process, no launcher: it prepares the run directory it owns and is the worker."""
+def _train_alone(cfg: RunConfig) -> int:
+    """One process, no launcher: it decides how this start continues the run directory it
+    owns, and is the worker; the moves that decision makes wait until every check passed."""
+    from dist_train.train.lifecycle import inspect_run_dir
     from dist_train.train.plan import device_kind
 
-    prepare(run_dir, _fresh_start(cfg), cfg.train.overwrite, print)
+    start = inspect_run_dir(cfg)
+    if start.done is not None:  # nothing to train: nothing built, nothing written
+        print(start.done)
+        return 0
     print(f"dist-train: 1 process on {device_kind(cfg)} (--nproc N: N workers)", flush=True)
     if any(var.startswith("ACCELERATE_") for var in os.environ):
         print(
@@ -182,7 +193,7 @@ def _train_alone(cfg: RunConfig, run_dir: Path) -> int:
             "`accelerate launch --multi_gpu --num_processes N` (CPU too) or --nproc N",
             flush=True,
         )
-    return run_worker(cfg, owned=True)
+    return run_worker(cfg, owned=True, claim=lambda: start.apply(print))
 
 
 def add_train_parser(sub: Any) -> None:

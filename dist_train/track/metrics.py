@@ -44,10 +44,10 @@ def append_line(fd: int, line: str, path: Path) -> None:
         raise DistTrainError(f"{path}: {e.strerror or e} while writing metrics") from None
 
 
-def trim_metrics(run_dir: Path, step: int) -> int:
+def trim_metrics(run_dir: Path, step: int, into: Path | None = None) -> int:
     """Make metrics.jsonl read as one run resumed at `step`: records after it (from the attempt
-    that was interrupted) and any unreadable line move to metrics.discarded.jsonl. Returns how
-    many moved."""
+    that was interrupted) and any unreadable line are appended to `into` (default
+    metrics.discarded.jsonl), never dropped. Returns how many moved."""
     path = run_dir / METRICS
     if not path.is_file():
         return 0
@@ -59,7 +59,7 @@ def trim_metrics(run_dir: Path, step: int) -> int:
             ok = False
         (keep if ok else drop).append(line)
     if drop:
-        with open(run_dir / DISCARDED, "a") as f:
+        with open(into or run_dir / DISCARDED, "a") as f:
             f.writelines(line + "\n" for line in drop)
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))

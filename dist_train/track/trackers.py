@@ -9,15 +9,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from dist_train.errors import ConfigError, DistTrainError, first_line
 from dist_train.track.backend import Tracker
 
 if TYPE_CHECKING:
-    from dist_train.config.schema import RunConfig
+    from dist_train.config.schema import LogConfig, RunConfig
 
 IDS = "trackers.json"  # the W&B and MLflow run ids, so that a resumed run continues its runs
 
@@ -45,6 +47,36 @@ def write_ids(run_dir: Path, ids: dict[str, str]) -> None:
     tmp = run_dir / (IDS + ".tmp")
     tmp.write_text(json.dumps(ids, indent=1) + "\n")
     os.replace(tmp, run_dir / IDS)
+
+
+REACH_TIMEOUT_S = 5.0  # a tracking server that does not answer a connect in this is down
+
+
+def check_reachable(log: LogConfig) -> None:
+    """A remote MLflow server (`log.mlflow_uri` over http/https) must accept a connection:
+    checked before the run writes anything, in seconds, instead of MLflow's own retries
+    (minutes) after the run directory was written."""
+    uri = log.mlflow_uri
+    if "mlflow" not in log.backends or not uri.startswith(("http://", "https://")):
+        return
+    parts = urlsplit(uri)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError("log.mlflow_uri", uri, "has an invalid port") from None
+    if not parts.hostname:
+        raise ConfigError("log.mlflow_uri", uri, "names no host")
+    try:
+        socket.create_connection((parts.hostname, port), timeout=REACH_TIMEOUT_S).close()
+    except OSError as e:
+        timed_out = isinstance(e, TimeoutError)
+        why = f"no answer within {REACH_TIMEOUT_S:g} s" if timed_out else (e.strerror or str(e))
+        raise ConfigError(
+            "log.mlflow_uri",
+            uri,
+            f"cannot reach {parts.hostname}:{port} ({why}); start "
+            "the tracking server, or leave log.mlflow_uri empty for a store in the run directory",
+        ) from None
 
 
 def build_trackers(cfg: RunConfig, run_dir: Path, resumed_step: int | None) -> list[Tracker]:

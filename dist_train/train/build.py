@@ -3,6 +3,7 @@ checkpointer, logger; resumes from a checkpoint and writes the resolved config."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ from dist_train.checkpoint.train_state import TrainState
 from dist_train.config.load import save_config
 from dist_train.config.schema import RunConfig, accumulation_steps
 from dist_train.data.build import build_data
-from dist_train.data.datasets import Data
-from dist_train.launch.env import DistEnv
+from dist_train.data.datasets import Data, DataSpec
+from dist_train.errors import DistTrainError, PeerError
+from dist_train.launch.env import DistEnv, all_agree
 from dist_train.launch.signals import StopRequest
 from dist_train.launch.watch import Progress
 from dist_train.models.protocol import flops_per_token, fsdp_units
@@ -29,6 +31,7 @@ from dist_train.track.metrics import MetricsLogger, peak_flops, trim_metrics
 from dist_train.track.trackers import build_trackers
 from dist_train.train.evaluation import known_metric_names
 from dist_train.train.optim import build_optimizer, decay_horizon
+from dist_train.train.plan import check_before_writing
 from dist_train.train.selection import check_watched
 from dist_train.train.trainer import Trainer
 
@@ -87,14 +90,18 @@ def build_trainer(
     env: DistEnv,
     stop: StopRequest | None = None,
     progress: Progress | None = None,
+    claim: Callable[[], None] | None = None,
 ) -> Trainer:
     """Data, model (same init on every rank), optimizer, logger; writes the resolved config.
     The caller owns the run directory (see `dist_train.launch.rundir`); `stop` receives its signals
-    and `progress` is what its peers read when one of them waits in vain."""
+    and `progress` is what its peers read when one of them waits in vain. `claim` (given on
+    every rank or none, run on rank 0) makes the owner's moves (`lifecycle.Start.apply`) once
+    every check has passed, before anything is written; with it, train.overwrite resumes
+    nothing (the earlier run is what it sets aside)."""
     accumulation_steps(cfg, env.world_size)  # fail on a bad batch split before touching anything
     data = build_data(cfg)
     check_watched(cfg, data.val is not None, known_metric_names(cfg, data.spec))
-    resume_from = resolve_resume(cfg)
+    resume_from = None if claim is not None and cfg.train.overwrite else resolve_resume(cfg)
     saved = read_manifest(resume_from) if resume_from is not None else None
     cfg = with_schedule_horizon(cfg, saved)
     model, flops = build_wrapped_model(cfg, env, data, resume_from)
@@ -105,7 +112,8 @@ def build_trainer(
     if resume_from is not None:  # before anything is written: a bad checkpoint touches nothing
         checkpointer.load(resume_from, state)
         checkpointer.check_verified()  # its checksums, hashed from the page cache after the load
-    logger = open_logger(cfg, env, state.step, resume_from, saved)
+    before_writing(cfg, data.spec, env, claim)
+    logger = open_logger(cfg, env, state, resume_from, saved)
     return Trainer(
         cfg,
         env,
@@ -143,27 +151,48 @@ def build_wrapped_model(
     return model, flops
 
 
+def before_writing(
+    cfg: RunConfig, spec: DataSpec, env: DistEnv, claim: Callable[[], None] | None
+) -> None:
+    """Rank 0's last checks (user metrics, trackers' servers) and the owner's moves; every rank
+    learns whether they passed (a collective), so none trains on while rank 0 failed."""
+    error: DistTrainError | None = None
+    if env.is_main:
+        try:
+            check_before_writing(cfg, spec)
+            if claim is not None:
+                claim()
+        except DistTrainError as e:
+            error = e
+    if not all_agree(error is None, env):
+        raise error or PeerError(f"rank 0 could not start the run in {cfg.train.run_dir}")
+
+
 def open_logger(
     cfg: RunConfig,
     env: DistEnv,
-    step: int,
+    state: TrainState,
     resume_from: Path | None,
     saved: dict[str, Any] | None,
 ) -> MetricsLogger:
-    """The metrics logger and trackers (rank 0 writes), after rank 0 has written config.yaml
-    and trimmed metrics.jsonl to `step`, the step the run starts from; says what a resume
-    continues from."""
-    run_dir, moved = Path(cfg.train.run_dir), 0
-    if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        # One lineage: records past the resumed step belong to the attempt that was cut short.
-        moved = trim_metrics(run_dir, step)
-    # Rank 0 only, and not for a run that is done already (nothing to track).
+    """The metrics logger and trackers (rank 0 writes), then config.yaml and metrics.jsonl
+    trimmed to the step the run starts from; says what a resume continues from. A run with
+    nothing to train (done already) writes nothing: its record still says what was trained."""
+    run_dir, moved, step = Path(cfg.train.run_dir), 0, state.step
+    training = env.is_main and step < cfg.train.max_steps and not state.stopped_early
+    # Trackers first: one that cannot start ends the run before config.yaml is written.
     trackers = (
-        build_trackers(cfg, run_dir, step if resume_from is not None else None)
-        if env.is_main and step < cfg.train.max_steps
-        else []
+        build_trackers(cfg, run_dir, step if resume_from is not None else None) if training else []
     )
+    try:
+        if training:
+            save_config(cfg, run_dir / "config.yaml")
+            # One lineage: records past the resumed step belong to the attempt cut short.
+            moved = trim_metrics(run_dir, step)
+    except BaseException:
+        for tracker in trackers:
+            tracker.close(finished=False)
+        raise
     logger = MetricsLogger(
         run_dir if env.is_main else None, cfg.log, cfg.train.max_steps, trackers=trackers
     )

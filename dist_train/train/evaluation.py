@@ -11,6 +11,7 @@ metric is plugged in by import path (`train.metrics`), built with no arguments.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Protocol
 
@@ -23,6 +24,7 @@ from dist_train.config.schema import RunConfig
 from dist_train.config.targets import call_target, resolve_target
 from dist_train.data.datasets import DataSpec
 from dist_train.data.loader import BatchLoader
+from dist_train.errors import ConfigError
 from dist_train.launch.env import DistEnv
 from dist_train.models.protocol import logits_of
 from dist_train.parallel.precision import Precision
@@ -99,16 +101,46 @@ def known_metric_names(cfg: RunConfig, spec: DataSpec) -> list[str] | None:
         declared = getattr(resolve_target(target, "train.metrics"), "names", None)
         if declared is None:
             return None
+        if isinstance(declared, str) or not all(isinstance(n, str) for n in declared):
+            raise ConfigError(
+                "train.metrics", target, f"its names must be a list of strings, not {declared!r}"
+            )
         names += list(declared)
     return [f"val/{n}" for n in names]
 
 
 def build_metrics(cfg: RunConfig, spec: DataSpec) -> list[Metric]:
+    """The task's metrics and the user's (`train.metrics`), each checked to be a metric: called
+    before the run writes anything, so a bad one leaves the run directory as it was."""
     metrics: list[Metric] = [LossMetric(spec.task)]
     if spec.task == "classification":
         metrics.append(ClassificationMetrics())
-    metrics += [call_target(t, "train.metrics", "train.metrics") for t in cfg.train.metrics]
+    for target in cfg.train.metrics:
+        metric = call_target(target, "train.metrics", "train.metrics")
+        check_metric(metric, target)
+        metrics.append(metric)
     return metrics
+
+
+METRIC_SHAPE = "update(output, target) -> 1-D tensor of sums and compute(sums) -> {name: value}"
+
+
+def check_metric(metric: Any, target: str) -> None:
+    """A user's metric has the methods evaluation calls, taking the arguments it passes: found
+    now, not at the first evaluation after steps of training."""
+    name = type(metric).__name__
+    missing = [m for m in ("update", "compute") if not callable(getattr(metric, m, None))]
+    if missing:
+        reason = f"{name} has no {' or '.join(missing)} method; a metric has {METRIC_SHAPE}"
+        raise ConfigError("train.metrics", target, reason)
+    for method, args in (("update", 2), ("compute", 1)):
+        try:
+            inspect.signature(getattr(metric, method)).bind(*[None] * args)
+        except TypeError as e:
+            reason = f"{name}.{method} does not take {args} argument(s) ({e}); a metric has {METRIC_SHAPE}"
+            raise ConfigError("train.metrics", target, reason) from None
+        except ValueError:  # no signature to inspect (a builtin): the call decides
+            pass
 
 
 class MetricSums:

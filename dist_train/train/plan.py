@@ -9,8 +9,12 @@ import torch
 from dist_train.checkpoint.files import check_compatible, check_files, read_manifest, resolve_resume
 from dist_train.config.schema import RunConfig, accumulation_steps, micro_batch_size
 from dist_train.data.build import build_data
+from dist_train.data.datasets import DataSpec
 from dist_train.models.registry import build_model, count_parameters
 from dist_train.parallel.wrap import resolve_strategy
+from dist_train.track.trackers import check_reachable
+from dist_train.train.evaluation import build_metrics
+from dist_train.train.lifecycle import done_line
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Plan:
     resume_from: str | None = None  # the checkpoint a run would continue from
     resume_step: int = 0
     notes: list[str] = field(default_factory=list)  # conditions the user should know about
+    done: str | None = None  # the checkpoint leaves nothing to train: what to say instead
 
     @property
     def state_bytes_per_rank(self) -> float:
@@ -68,14 +73,17 @@ def build_plan(cfg: RunConfig, world_size: int) -> Plan:
     data = build_data(cfg)
     with torch.device("meta"):
         model = build_model(cfg.model, data.spec)
+    check_before_writing(cfg, data.spec)
     device = device_kind(cfg)
-    resume_from = resolve_resume(cfg)
-    resume_step, saved_world = 0, None
+    # train.overwrite starts over: the earlier run's checkpoints are set aside, not resumed.
+    resume_from = None if cfg.train.overwrite else resolve_resume(cfg)
+    resume_step, saved_world, done = 0, None, None
     if resume_from is not None:  # the checks workers would make, once and before they start
         manifest = read_manifest(resume_from)
         check_compatible(cfg, manifest, resume_from)
         check_files(manifest, resume_from)
         resume_step, saved_world = manifest["step"], manifest.get("world_size")
+        done = done_line(cfg, resume_from, manifest)
     return Plan(
         world_size,
         device,
@@ -91,7 +99,15 @@ def build_plan(cfg: RunConfig, world_size: int) -> Plan:
         str(resume_from) if resume_from else None,
         resume_step,
         dropout_notes(cfg, world_size, accum, saved_world),
+        done,
     )
+
+
+def check_before_writing(cfg: RunConfig, spec: DataSpec) -> None:
+    """What would otherwise fail only after the run directory was written: the user's metrics
+    (built and checked to be metrics) and a remote tracking server that does not answer."""
+    build_metrics(cfg, spec)
+    check_reachable(cfg.log)
 
 
 def dropout_notes(
