@@ -63,25 +63,30 @@ LONG_EVAL = [
 ]
 
 
+@pytest.mark.parametrize("every", [1, 4])
 def test_a_stop_during_a_long_evaluation_cuts_it_short_and_says_so_at_once(
-    tmp_path: Path,
+    tmp_path: Path, every: int
 ) -> None:
+    """A real SIGTERM (twice) after the 3rd micro-batch of the evaluation at step 2. With log
+    records every 4 steps, step 2 is between two: its steps are logged before the stop."""
     run_dir, count = tmp_path / "run", tmp_path / "count"
-    args = ["train", "quickstart", *LONG_EVAL, f"train.run_dir={run_dir}"]
-    env = {"STOP_SIGNAL_AT": "3", "STOP_COUNT_FILE": str(count)}
-    out = cli(*args, env=env)
+    args = ["train", "quickstart", *LONG_EVAL, f"log.every_steps={every}"]
+    args += [f"train.run_dir={run_dir}"]
+    out = cli(*args, env={"STOP_SIGNAL_AT": "3", "STOP_COUNT_FILE": str(count)})
     assert out.returncode == 143, out.stderr[-2000:]
-    notice = "SIGTERM received: stopping at the next log step (<= 1 steps) and saving"
+    notice = f"SIGTERM received: stopping at the next log step (<= {every} steps) and saving"
     assert out.stderr.count(notice) == 1, out.stderr[-2000:]  # two signals, one line
     assert "evaluation at step 2 stopped after 3 micro-batch(es)" in out.stdout
     assert count.read_text() == "3"  # of 25: one process checks before every micro-batch
     assert trainer_state(run_dir, 2)["eval_owed"] is True
-    assert records(run_dir)[0] == []  # no evaluation record yet
+    val, losses = records(run_dir)
+    assert val == [] and [step for step, _ in losses] == ([1, 2] if every == 1 else [2])
     again = cli(*args, env={"STOP_COUNT_FILE": str(count)})
     assert again.returncode == 0, again.stderr[-2000:]
     assert "evaluating step 2 first (owed by the stop)" in again.stdout
-    val = records(run_dir)[0]
+    val, losses = records(run_dir)
     assert [(r["step"], r["val/batches"]) for r in val] == [(2, 25.0), (4, 25.0)]
+    assert [step for step, _ in losses] == ([1, 2, 3, 4] if every == 1 else [2, 4])
 
 
 def _cut_on_rank_1(run_dir: str) -> dict[str, object]:
@@ -94,11 +99,9 @@ def _cut_on_rank_1(run_dir: str) -> dict[str, object]:
 def test_a_stop_on_one_rank_cuts_every_rank_s_evaluation_at_the_same_micro_batch(
     tmp_path: Path,
 ) -> None:
-    from dist_train.train.evaluation import STOP_CHECK_BATCHES
-
     results = run_on_ranks(_cut_on_rank_1, 2, str(tmp_path / "run"))
     # 100 samples, 2 per rank per micro-batch: 25 micro-batches each (50 in all); both stop at
-    # the first agreed check after the signal.
-    assert [r["eval_batches"] for r in results] == [STOP_CHECK_BATCHES] * 2
+    # the first agreed check after the signal, before micro-batch 16 (STOP_CHECK_BATCHES).
+    assert [r["eval_batches"] for r in results] == [16, 16]
     assert [(r["end"], r["step"]) for r in results] == [("preempted", 2)] * 2
     assert trainer_state(tmp_path / "run", 2)["eval_owed"] is True
