@@ -218,6 +218,7 @@ class Checkpointer:
         trainer = manifest.get("trainer", {})  # absent in checkpoints of earlier versions
         state.watches = trainer.get("watches", {})
         state.stopped_early = trainer.get("stopped_early", False)
+        state.eval_owed = trainer.get("eval_owed", False)
         # RNG streams are per rank; with another world size they cannot map one to one (the data
         # order does not depend on them: the sampler is a pure function of seed and step).
         if manifest["world_size"] == self.env.world_size:

@@ -18,6 +18,13 @@ class TrainState:
     # Watched evaluation metrics (selection.py): best value, its step, evaluations since.
     watches: dict[str, dict[str, Any]] = field(default_factory=dict)
     stopped_early: bool = False
+    # The evaluation due at `step` has not run (a stop signal came first): a resumed run runs it
+    # before its first step, so that its records and decisions equal an uninterrupted run's.
+    eval_owed: bool = False
 
     def for_manifest(self) -> dict[str, Any]:
-        return {"watches": self.watches, "stopped_early": self.stopped_early}
+        return {
+            "watches": self.watches,
+            "stopped_early": self.stopped_early,
+            "eval_owed": self.eval_owed,
+        }

@@ -86,13 +86,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         code = 130
     except Terminated as e:
-        print(f"terminated ({signal.Signals(e.args[0]).name}) before training", file=sys.stderr)
+        print(_terminated_line(args, signal.Signals(e.args[0]).name), file=sys.stderr)
         code = EXIT_PREEMPTED
     except Preempted as e:
         if _speaks(e):
             print(e.message(), file=sys.stderr, flush=True)
         code = EXIT_PREEMPTED if e.saved else EXIT_UNSAVED
     sys.exit(code)
+
+
+def _terminated_line(args: argparse.Namespace, name: str) -> str:
+    """A stop signal outside training's loop: what it stopped, and what it left."""
+    if args.command == "prepare":  # it writes into a staging folder: nothing half-written
+        return f"prepare stopped ({name}); {args.out} is as it was"
+    return f"terminated ({name}) before training"
 
 
 def _speaks(error: BaseException) -> bool:

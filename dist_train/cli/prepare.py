@@ -38,7 +38,9 @@ def add_prepare_parser(sub: Any) -> None:
         default="char",
         help="char (default), bytes, bpe (learned from the input), or a tokenizer.json",
     )
-    p.add_argument("--vocab-size", type=int, default=0, help="bpe: the vocabulary to learn")
+    p.add_argument(
+        "--vocab-size", type=int, default=0, help="bpe: the vocabulary to learn (257 to 1048576)"
+    )
     p.add_argument("--field", default="text", help="JSONL field or column (default: text)")
     p.add_argument(
         "--val-fraction",

@@ -4,13 +4,10 @@ are encoded on N processes and written in input order, so the bytes are the same
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -18,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from dist_train.data.encoder import Encoder
 from dist_train.data.outdir import FORMAT, VERSION, OutputDir
 from dist_train.data.progress import Progress
 from dist_train.data.sources import (
-    Batch,
     Piece,
     Source,
     batches,
@@ -35,14 +32,18 @@ from dist_train.data.tokenizer import (
     Codec,
     TokenizerSpec,
     build_codec,
-    encode_pieces,
     load_tokenizer_file,
     token_dtype,
     train_bpe,
 )
-from dist_train.errors import ConfigError, DistTrainError
+from dist_train.errors import ConfigError
 
 COPY_BYTES = 16 << 20  # the validation tail moves out of train.bin in blocks of this size
+# The largest --vocab-size a BPE may learn: 4x the largest vocabularies in use (Gemma's 262,144).
+# Ids up to 2**32 would fit train.bin's uint32, but no model could afford such an embedding, and
+# the tokenizers library reserves ~70 bytes per entry up front (tokenizers 0.23: --vocab-size
+# 1000000000 asked for 71 GB and aborted the process with a Rust backtrace).
+MAX_VOCAB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,13 @@ def check_config(cfg: PrepareConfig) -> None:
             "--tokenizer bpe needs a vocabulary of at least 257 (256 bytes + <|endoftext|>), "
             "e.g. --vocab-size 8192",
         )
+    if bpe and cfg.vocab_size > MAX_VOCAB:
+        raise ConfigError(
+            "--vocab-size",
+            cfg.vocab_size,
+            f"at most {MAX_VOCAB:,} (2**20, four times the largest vocabularies in use); "
+            "GPT-2 has 50,257, Llama 3 128,256",
+        )
     if cfg.tokenizer not in KINDS and not Path(cfg.tokenizer).exists():
         why = "not char, bytes, bpe, or an existing tokenizer.json (or a folder holding one)"
         raise ConfigError("--tokenizer", cfg.tokenizer, why)
@@ -88,8 +96,8 @@ def prepare_tokens(cfg: PrepareConfig, log: Callable[[str], None] = print) -> di
     """Writes OUT/train.bin, val.bin (unless empty), meta.json (and tokenizer.json); returns
     the meta. On any failure, or an interrupt, OUT is as it was before."""
     check_config(cfg)
-    train = expand_inputs(cfg.inputs, "INPUT")
-    val = expand_inputs(cfg.val_inputs, "--val")
+    train = expand_inputs(cfg.inputs, "INPUT", Path(cfg.out))
+    val = expand_inputs(cfg.val_inputs, "--val", Path(cfg.out))
     given = (
         None if cfg.tokenizer in KINDS else load_tokenizer_file(Path(cfg.tokenizer), "--tokenizer")
     )
@@ -99,9 +107,11 @@ def prepare_tokens(cfg: PrepareConfig, log: Callable[[str], None] = print) -> di
         spec = given or _learn(cfg, train, val)
         codec = build_codec(spec)
         if spec.kind == "tokenizers":
-            out.file(TOKENIZER_FILE).write_bytes(spec.json.encode("utf-8"))
+            with writing(out, TOKENIZER_FILE):
+                out.file(TOKENIZER_FILE).write_bytes(spec.json.encode("utf-8"))
         meta = _encode_all(cfg, spec, codec, train, val, out)
-        out.commit(meta)
+        with writing(out, "meta.json"):
+            out.commit(meta)
         meta["seconds"] = time.monotonic() - start
         return meta
     except BaseException:  # an interrupt too: the output stays as it was
@@ -126,17 +136,14 @@ def _learn(cfg: PrepareConfig, train: list[Source], val: list[Source]) -> Tokeni
         return TokenizerSpec("bytes")
     sources = train + val if cfg.tokenizer == "char" else train
     what = "alphabet" if cfg.tokenizer == "char" else f"training a BPE of {cfg.vocab_size}"
-    progress = Progress(what, sum(s.size for s in sources))
-    texts = _counted(_stream(sources, cfg.field, newline=cfg.tokenizer == "char"), progress)
-    try:
+    with Progress(what, sum(s.size for s in sources)) as progress:
+        texts = _counted(_stream(sources, cfg.field, newline=cfg.tokenizer == "char"), progress)
         if cfg.tokenizer == "bpe":
             return train_bpe((t for t in texts if t), cfg.vocab_size)
         seen: set[str] = set()
         for text in texts:
             seen.update(text)
         return TokenizerSpec("char", chars="".join(sorted(seen)))  # code point order
-    finally:
-        progress.close()
 
 
 def _encode_all(
@@ -154,12 +161,13 @@ def _encode_all(
         for split, sources in (("train", train), ("val", val)):
             if sources:
                 stream = batches(_stream(sources, cfg.field, newline), cfg.chunk_chars)
-                progress = Progress(f"encoding {split}", sum(s.size for s in sources))
-                counts[split] = _write(out.file(f"{split}.bin"), encoder.map(stream), progress)
+                with Progress(f"encoding {split}", sum(s.size for s in sources)) as progress:
+                    counts[split] = _write(out, f"{split}.bin", encoder.map(stream), progress)
     if val and not counts["val"]:
         raise ConfigError("--val", " ".join(cfg.val_inputs), "holds no text")
     if not val and fraction:
-        counts["train"], counts["val"] = _split_tail(out, counts["train"], fraction, dtype)
+        with writing(out, "val.bin"):
+            counts["train"], counts["val"] = _split_tail(out, counts["train"], fraction, dtype)
     if counts["train"] == 0:
         raise ConfigError(
             "INPUT", " ".join(cfg.inputs), f"holds too little text ({sum(counts.values())} tokens)"
@@ -186,18 +194,37 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _write(path: Path, results: Iterator[tuple[np.ndarray, int]], progress: Progress) -> int:
-    """Appends each batch's ids as it arrives (memory stays bounded); returns the token count."""
+def _write(
+    out: OutputDir, name: str, results: Iterator[tuple[np.ndarray, int]], progress: Progress
+) -> int:
+    """Appends each batch's ids as it arrives (memory stays bounded); returns the token count.
+    Only the writes are `writing`: an error while reading the input is the input's own."""
     count = 0
-    with open(path, "wb") as f:
+    with writing(out, name):
+        f = open(out.file(name), "wb")  # noqa: SIM115  # closed below, whatever happens
+    with f:
         for ids, size in results:
-            f.write(ids.tobytes())
+            with writing(out, name):
+                f.write(ids.tobytes())
             count += len(ids)
             progress.update(size, len(ids))
-        f.flush()
-        os.fsync(f.fileno())
-    progress.close()
+        with writing(out, name):
+            f.flush()
+            os.fsync(f.fileno())
     return count
+
+
+@contextmanager
+def writing(out: OutputDir, name: str) -> Iterator[None]:
+    """A write that fails (a full disk, a quota, a read-only file system) as one line naming
+    the file; the caller leaves --out as it was."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ConfigError(
+            "--out", str(out.path), f"cannot write {name} ({reason}); left as it was"
+        ) from None
 
 
 def _split_tail(out: OutputDir, total: int, fraction: float, dtype: np.dtype) -> tuple[int, int]:
@@ -213,70 +240,3 @@ def _split_tail(out: OutputDir, total: int, fraction: float, dtype: np.dtype) ->
         os.fsync(dst.fileno())
     os.truncate(train, cut * dtype.itemsize)
     return cut, total - cut
-
-
-class Encoder:
-    """Encodes batches on `workers` processes, in input order, with at most 2 per worker in
-    flight (so the input is not read ahead of the writer); one worker encodes in this process."""
-
-    def __init__(self, spec: TokenizerSpec, dtype: np.dtype, workers: int) -> None:
-        self.spec, self.dtype, self.workers = spec, dtype, workers
-        self.pool: ProcessPoolExecutor | None = None
-
-    def __enter__(self) -> Encoder:
-        if self.workers > 1:
-            # spawn, not fork: a fork after the tokenizers library has run its thread pool
-            # (BPE training) is unsafe. An executor, not multiprocessing.Pool: a worker that
-            # dies (killed, out of memory) fails the run instead of hanging it.
-            self.pool = ProcessPoolExecutor(
-                self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(self.spec, self.dtype),
-            )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def map(self, stream: Iterable[Batch]) -> Iterator[tuple[np.ndarray, int]]:
-        if self.pool is None:
-            codec = build_codec(self.spec)
-            for b in stream:
-                yield encode_pieces(codec, b.texts, b.ends, self.dtype), b.size
-            return
-        pending: deque[tuple[Future[np.ndarray], int]] = deque()
-        for b in stream:
-            pending.append((self.pool.submit(_encode_batch, b.texts, b.ends), b.size))
-            if len(pending) >= 2 * self.workers:
-                future, size = pending.popleft()
-                yield _result(future), size
-        while pending:
-            future, size = pending.popleft()
-            yield _result(future), size
-
-
-def _result(future: Future[np.ndarray]) -> np.ndarray:
-    try:
-        return future.result()
-    except BrokenProcessPool:
-        raise DistTrainError(
-            "an encoding worker process died (out of memory? killed?); try fewer --workers"
-        ) from None
-
-
-# A worker process's codec, built once by the pool's initializer: the tokenizer (megabytes of
-# JSON for a large vocabulary) crosses to each worker once, not with every batch.
-_worker_codec: list[tuple[Codec, np.dtype]] = []
-
-
-def _init_worker(spec: TokenizerSpec, dtype: np.dtype) -> None:
-    # N single-threaded workers: the tokenizers library's own thread pool would oversubscribe.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_codec.append((build_codec(spec), dtype))
-
-
-def _encode_batch(texts: list[str], ends: list[bool]) -> np.ndarray:
-    codec, dtype = _worker_codec[0]
-    return encode_pieces(codec, texts, ends, dtype)

@@ -48,6 +48,13 @@ class Progress:
                 flush=True,
             )
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # also on an error or a stop, so that its line comes after the bar
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None

@@ -45,30 +45,46 @@ class Batch:
     size: int
 
 
-def expand_inputs(inputs: Iterable[str], key: str) -> list[Source]:
-    """Paths, folders (their files, sorted, recursively) and glob patterns -> sources."""
+def expand_inputs(inputs: Iterable[str], key: str, out: Path) -> list[Source]:
+    """Paths, folders (their files, sorted, recursively) and glob patterns -> sources. Nothing
+    under `out` (prepare's output folder) is input: a folder or pattern skips it, so that a
+    second run into `--out` inside an input folder does not read the first one's output back."""
     sources: list[Source] = []
+    outside = _Outside(out)
     for given in inputs:
         path = Path(given)
         if path.exists():
-            sources += _expand(path, key)
+            if not outside(path):
+                why = f"is inside --out {out}; the output is never read as input"
+                raise ConfigError(key, given, why)
+            sources += _expand(path, key, outside)
         elif glob.has_magic(given):
-            matches = sorted(glob.glob(given, recursive=True))
+            matches = [m for m in sorted(glob.glob(given, recursive=True)) if outside(Path(m))]
             if not matches:
-                raise ConfigError(key, given, "no file matches this pattern")
+                raise ConfigError(key, given, f"no file matches this pattern (outside {out})")
             for match in matches:
-                sources += _expand(Path(match), key)
+                sources += _expand(Path(match), key, outside)
         else:
             raise ConfigError(key, given, "no such file or directory")
     return sources
 
 
-def _expand(path: Path, key: str) -> list[Source]:
+class _Outside:
+    """Whether a path lies outside the output folder (links followed, as reading would)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out.resolve()
+
+    def __call__(self, path: Path) -> bool:
+        return not path.resolve().is_relative_to(self.out)
+
+
+def _expand(path: Path, key: str, outside: _Outside) -> list[Source]:
     if path.is_dir() and _is_saved_dataset(path):
         return [Source(path, "hf", sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))]
     if path.is_dir():
         files = sorted(
-            f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".")
+            f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".") and outside(f)
         )  # hidden files (.DS_Store, .gitignore) are not corpus
         if not files:
             raise ConfigError(key, str(path), "the directory holds no files")

@@ -1,12 +1,16 @@
 """Preemption: SIGTERM or SIGUSR1 (SLURM's warning ahead of a time limit) ends a run at the
 next log step, on every rank at the same step, after one checkpoint; the exit status is 143.
 
-The handler only records the signal; the loss all-reduce of the next log step tells every
-rank (`Trainer.maybe_log`). No torch here: the CLI installs the handlers before torch loads.
+The handler only records the signal (and rank 0 says so in one line); the loss all-reduce of
+the next log step tells every rank (`Trainer.maybe_log`), and an evaluation under way checks at
+micro-batch boundaries (`evaluation.stop_agreed`). No torch here: the CLI installs the handlers
+before torch loads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 from types import FrameType
 
@@ -44,12 +48,15 @@ class Preempted(BaseException):
 
 class StopRequest:
     """Records SIGTERM/SIGUSR1. Before `arm()` (start-up: nothing to save yet) a signal stops
-    the process at once; after it, the loop stops at the next log step. A repeated
-    signal changes nothing: schedulers and torchrun's agent may both deliver one."""
+    the process at once; after it, the loop stops at the next log step (or an evaluation at its
+    next stop check). A repeated signal changes nothing: schedulers and torchrun's agent may both
+    deliver one. The first one armed prints the line given to `tell` at once, so that a user
+    sees it was received long before the save line."""
 
     def __init__(self) -> None:
         self.signum = 0
         self.armed = False
+        self._notice: str | None = None  # "{signal} received: ..." (None: say nothing)
 
     def install(self) -> None:
         for signum in PREEMPT_SIGNALS:
@@ -58,7 +65,20 @@ class StopRequest:
     def arm(self) -> None:
         self.armed = True
 
+    def tell(self, notice: str | None) -> None:
+        """What the first signal prints (`{signal}` is replaced by its name); None: nothing
+        (ranks other than 0, so that a signal sent to every worker is one line)."""
+        self._notice = notice
+
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if not self.armed:
             raise Terminated(signum)
-        self.signum = self.signum or signum
+        if self.signum:
+            return
+        self.signum = signum
+        if self._notice:
+            line = self._notice.replace("{signal}", signal.Signals(signum).name) + "\n"
+            # os.write, not print: a handler may run while the main thread is inside a print
+            # to the same stream, and a buffered stream refuses a reentrant write.
+            with contextlib.suppress(OSError):  # stderr gone: the stop goes on regardless
+                os.write(2, line.encode())

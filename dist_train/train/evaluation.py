@@ -7,12 +7,17 @@ figures are those of one process seeing every sample: never an average of averag
 A metric is any object with `update(output, target) -> 1-D tensor of sums` (the same length
 every call; padding rows are already cut off) and `compute(sums) -> {name: value}`. A user's
 metric is plugged in by import path (`train.metrics`), built with no arguments.
+
+A stop signal cuts an evaluation short at a micro-batch boundary that every rank agrees on: one
+process checks before each micro-batch; several agree through a one-float all-reduce every
+`STOP_CHECK_BATCHES` micro-batches (the evaluation has no collective of its own until its end).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -28,6 +33,18 @@ from dist_train.errors import ConfigError
 from dist_train.launch.env import DistEnv
 from dist_train.models.protocol import logits_of
 from dist_train.parallel.precision import Precision
+
+# Micro-batches between two stop checks of a multi-process evaluation: the most a stop waits for,
+# and the cadence of its all-reduce (one float and a host sync: measured in the README).
+STOP_CHECK_BATCHES = 16
+
+
+class EvaluationStopped(Exception):
+    """A stop signal cut the evaluation short; raised on every rank at the same micro-batch."""
+
+    def __init__(self, batches: int) -> None:
+        super().__init__(batches)
+        self.batches = batches  # micro-batches this rank had evaluated
 
 
 class Metric(Protocol):
@@ -187,9 +204,11 @@ def evaluate(
     cfg: RunConfig,
     precision: Precision,
     env: DistEnv,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, float] | None:
     """The metrics over every validation sample once, or over `eval_batches` seeded global
-    batches (`train.eval_mode`), split across ranks like training batches, reduced as sums."""
+    batches (`train.eval_mode`), split across ranks like training batches, reduced as sums.
+    `stop`: whether this rank was asked to stop; raises `EvaluationStopped` once any was."""
     t = cfg.train
     small = len(batches.dataset) <= t.eval_batches * t.global_batch_size
     if t.eval_mode == "full" or (t.eval_mode == "auto" and small):
@@ -200,9 +219,25 @@ def evaluate(
         return None
     model.eval()
     sums = MetricSums(metrics)
-    for _, _, x, y, real in stream:
-        with precision.autocast():
-            output = model(x)
-        sums.add(output, y, real)
-    model.train()
+    try:
+        for k, (_, _, x, y, real) in enumerate(stream):
+            if stop is not None and stop_agreed(k, stop, env):
+                raise EvaluationStopped(k)
+            with precision.autocast():
+                output = model(x)
+            sums.add(output, y, real)
+    finally:
+        model.train()
     return sums.reduce(env)
+
+
+def stop_agreed(batch: int, stop: Callable[[], bool], env: DistEnv) -> bool:
+    """Before micro-batch `batch`: whether any rank was asked to stop. Every rank runs the same
+    number of micro-batches (see `EverySampleOnce`), so all reach each check together."""
+    if not env.is_distributed:
+        return stop()
+    if batch % STOP_CHECK_BATCHES:
+        return False
+    flag = torch.tensor([1.0 if stop() else 0.0], device=env.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0

@@ -1,5 +1,6 @@
 """What a log step writes: the record of one log interval (loss, lr, throughput, timing,
-precision and memory fields, mfu) and the checks every rank runs on it."""
+precision and memory fields, mfu) and the checks every rank runs on it; and the lines that say
+a run is done."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+from dist_train.checkpoint.train_state import TrainState
 from dist_train.config.schema import RunConfig
 from dist_train.data.datasets import DataSpec
 from dist_train.launch.env import DistEnv
@@ -82,3 +84,31 @@ class LogRecords:
         if warning and not self.warned_scale:
             logger.print(warning)
         self.warned_scale = self.warned_scale or warning is not None
+
+
+def done_already(cfg: RunConfig, state: TrainState) -> str | None:
+    """The line of a run that has nothing left to do (None: it has): stopped early, or at
+    max_steps with no evaluation owed (a stop at the last step may leave one)."""
+    if state.stopped_early:
+        return (
+            f"done already: {cfg.train.run_dir} stopped early at step {state.step} "
+            "(train.early_stopping); start over with train.overwrite=true"
+        )
+    if state.step >= cfg.train.max_steps and not state.eval_owed:
+        return (
+            f"done already: {cfg.train.run_dir} holds a checkpoint at step {state.step} "
+            f"(train.max_steps={cfg.train.max_steps}); raise train.max_steps to train further"
+        )
+    return None
+
+
+def done_line(
+    cfg: RunConfig, step: int, seconds: float, last: float | None, val: float | None
+) -> str:
+    """The run's closing line: its last logged loss and val/loss, where they are at `step`."""
+    return (
+        f"done: {step} steps in {seconds:.1f} s"
+        + (f", loss {last:.4f}" if last is not None else "")
+        + (f", val/loss {val:.4f}" if val is not None else "")
+        + f"; metrics in {Path(cfg.train.run_dir) / 'metrics.jsonl'}"
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,11 +21,11 @@ from dist_train.launch.watch import Progress
 from dist_train.parallel.precision import Precision
 from dist_train.parallel.wrap import grad_sync, unwrap
 from dist_train.track.metrics import MetricsLogger
-from dist_train.train.evaluation import build_metrics, evaluate
+from dist_train.train.evaluation import EvaluationStopped, build_metrics, evaluate
 from dist_train.train.loss import build_loss
 from dist_train.train.nonfinite import check_finite_before_save, last_good
 from dist_train.train.optim import clip_and_measure, lr_at, set_lr
-from dist_train.train.records import LogRecords
+from dist_train.train.records import LogRecords, done_already, done_line
 from dist_train.train.sampling import end_of_run_sample
 from dist_train.train.selection import Watches
 
@@ -82,6 +81,16 @@ class Trainer:
         self.skip_nonfinite = cfg.train.on_nonfinite == "skip"
         self.nonfinite_skips, self._skips_in_a_row, self._interval_skips = 0, 0, 0
         self.stopping = False  # some rank was asked to stop: known alike on all at log steps
+        # The run's start and the current log interval's (first step, start) on the host clock.
+        self._start = time.perf_counter()
+        self._interval = (state.step, self._start)
+        stop.tell(self._stop_notice() if env.is_main else None)
+
+    def _stop_notice(self) -> str:
+        """The line the first stop signal prints at once (rank 0; `{signal}`: its name)."""
+        then = "saving" if self.cfg.checkpoint.enabled else "exiting (checkpoint.enabled=false)"
+        every = self.cfg.log.every_steps
+        return f"{{signal}} received: stopping at the next log step (<= {every} steps) and {then}"
 
     def train_step(self, step: int, measure_norm: bool) -> torch.Tensor | None:
         """One optimizer step over this rank's slice of the global batch, in micro-batches."""
@@ -141,22 +150,23 @@ class Trainer:
             return None
         self.progress.enter("evaluation", self.state.step - 1)
         return evaluate(
-            unwrap(self.model), self.val_batches, self.metrics, self.cfg, self.precision, self.env
+            unwrap(self.model),
+            self.val_batches,
+            self.metrics,
+            self.cfg,
+            self.precision,
+            self.env,
+            stop=lambda: self.stopping or self.stop.signum != 0,
         )
 
-    def maybe_log(
-        self,
-        norm: torch.Tensor | None,
-        interval: tuple[int, float],
-        result: FitResult,
-        start: float,
-    ) -> bool:
-        """At log steps: reduce the interval's loss over ranks (every rank joins) and write.
-        The same all-reduce carries whether any rank was asked to stop (SIGTERM/SIGUSR1), so
-        all ranks stop at the same step at no cost to the steps in between."""
-        step, (last_step, last_time) = self.state.step, interval
-        if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps:
-            return False
+    def maybe_log(self, norm: torch.Tensor | None, result: FitResult, force: bool = False) -> None:
+        """At log steps (or `force`d: a stop between them): reduce the interval's loss over ranks
+        (every rank joins) and write. The same all-reduce carries whether any rank was asked to
+        stop (SIGTERM/SIGUSR1), so all ranks stop at the same step at no cost to the steps in
+        between."""
+        step, (last_step, last_time) = self.state.step, self._interval
+        if not force and step % self.cfg.log.every_steps and step != self.cfg.train.max_steps:
+            return
         self.progress.enter("log", step - 1)
         applied = step - last_step - self._interval_skips  # on_nonfinite=skip drops some
         flags = [1.0 if self.stop.signum else 0.0, self._interval_wait]
@@ -168,20 +178,25 @@ class Trainer:
         loss = total / applied if applied else None  # None: every update was skipped
         self._interval_loss.zero_()
         self._interval_skips, self._interval_wait = 0, 0.0
-        record = self.records.build(step, step - last_step, loss, norm, wait, (start, last_time))
+        times = (self._start, last_time)
+        record = self.records.build(step, step - last_step, loss, norm, wait, times)
         if self.skip_nonfinite:
             record["nonfinite_skips"] = self.nonfinite_skips
         if loss is not None:
             result.losses[step] = loss
         self.logger.log(record)
         self.records.check(record, last_step, self.checkpointer.root, self.logger)
-        return True
+        self._interval = (step, time.perf_counter())
+
+    def eval_due(self) -> bool:
+        every, step = self.cfg.train.eval_every, self.state.step
+        scheduled = step == self.cfg.train.max_steps or (every > 0 and step % every == 0)
+        return scheduled and self.val_batches is not None
 
     def maybe_evaluate(self, result: FitResult) -> dict[str, float] | None:
-        every, step = self.cfg.train.eval_every, self.state.step
-        if step != self.cfg.train.max_steps and not (every > 0 and step % every == 0):
+        if not self.eval_due():
             return None
-        values = self.evaluate()
+        step, values = self.state.step, self.evaluate()
         if values is not None:
             result.val_losses[step] = values["val/loss"]
             result.val_metrics[step] = values
@@ -210,10 +225,12 @@ class Trainer:
         )
         self.checkpointer.save(self.state, blocking=blocking)
 
-    def _preempted(self) -> Preempted:
-        """Every rank, at the same (log) step: save, unless this step's save is already under
-        way (then finish it), and report."""
+    def _preempted(self, owed: bool) -> Preempted:
+        """Every rank, at the same step: save, unless this step's save is already under way
+        (then finish it), and report. `owed`: this step's evaluation has not run; the checkpoint
+        says so and the resumed run runs it first."""
         saved = None
+        self.state.eval_owed = owed
         if self.cfg.checkpoint.enabled:
             if self.checkpointer.saved_step == self.state.step:
                 self.checkpointer.wait()
@@ -222,54 +239,57 @@ class Trainer:
             saved = str(self.checkpointer.root / f"step_{self.state.step:07d}")
         return Preempted(self.stop.signum, self.state.step, saved)
 
+    def _evaluate_then_save(self, result: FitResult, owed: bool = False) -> None:
+        """Evaluate before saving: the checkpoint then holds what this evaluation decided (best
+        so far, early stopping), and a resume decides as an uninterrupted run. A stop signal
+        cuts the evaluation short: the stop's checkpoint owes it. `owed`: the one a stop left
+        owing; saved again after it, so that the checkpoint at this step owes nothing."""
+        try:
+            values = self.maybe_evaluate(result)
+        except EvaluationStopped as e:
+            step = self.state.step
+            self.logger.print(
+                f"evaluation at step {step} stopped after {e.batches} micro-batch(es); the "
+                "resumed run runs it first"
+            )
+            if step > self._interval[0]:  # a step between log steps: its interval's record
+                self.maybe_log(None, result, force=True)
+            self.stopping = True
+            raise self._preempted(owed=True) from None
+        new_best = values is not None and self.watches.update(values, self.state)
+        self.maybe_checkpoint(now=new_best or owed)
+        if self.state.stopped_early:
+            self.logger.print(self.watches.early_stop_line(self.state.step))
+
     def fit(self) -> FitResult:
         result = FitResult()
-        if self.state.stopped_early:
-            self.logger.print(
-                f"done already: {self.cfg.train.run_dir} stopped early at step "
-                f"{self.state.step} (train.early_stopping); start over with train.overwrite=true"
-            )
-            return result
-        if self.state.step >= self.cfg.train.max_steps:
-            self.logger.print(
-                f"done already: {self.cfg.train.run_dir} holds a checkpoint at step "
-                f"{self.state.step} (train.max_steps={self.cfg.train.max_steps}); "
-                "raise train.max_steps to train further"
-            )
+        if (line := done_already(self.cfg, self.state)) is not None:
+            self.logger.print(line)
             return result
         self.model.train()
-        start = time.perf_counter()
-        interval = (self.state.step, start)
-        while self.state.step < self.cfg.train.max_steps:
+        self._start = time.perf_counter()
+        self._interval = (self.state.step, self._start)
+        if self.state.eval_owed:  # the stop that ended the last attempt came before it
+            self.state.eval_owed = False
+            self.logger.print(f"evaluating step {self.state.step} first (owed by the stop)")
+            self._evaluate_then_save(result, owed=True)
+        while self.state.step < self.cfg.train.max_steps and not self.state.stopped_early:
             step = self.state.step
             logging_now = (step + 1) % self.cfg.log.every_steps == 0
             norm = self.train_step(step, measure_norm=logging_now)
             self.state.step += 1
             self.state.samples_seen += self.cfg.train.global_batch_size
-            if self.maybe_log(norm, interval, result, start):
-                interval = (self.state.step, time.perf_counter())
+            self.maybe_log(norm, result)
             self.logger.bar(self.state.step)  # the bar shows the last logged loss
             if self.stopping and self.state.step < self.cfg.train.max_steps:
-                raise self._preempted()
-            # Evaluate before saving: the checkpoint then holds what this evaluation decided
-            # (best so far, early stopping), and a resume decides as an uninterrupted run.
-            values = self.maybe_evaluate(result)
-            new_best = values is not None and self.watches.update(values, self.state)
-            self.maybe_checkpoint(now=new_best)
-            if self.state.stopped_early:
-                self.logger.print(self.watches.early_stop_line(self.state.step))
-                break
+                raise self._preempted(owed=self.eval_due())
+            self._evaluate_then_save(result)
         result.sample = end_of_run_sample(
             self.cfg, unwrap(self.model), self.data.spec, self.env, self.precision, self.logger
         )
-        last = result.losses.get(self.state.step)
-        val = result.val_losses.get(self.state.step)
-        self.logger.print(
-            f"done: {self.state.step} steps in {time.perf_counter() - start:.1f} s"
-            + (f", loss {last:.4f}" if last is not None else "")
-            + (f", val/loss {val:.4f}" if val is not None else "")
-            + f"; metrics in {Path(self.cfg.train.run_dir) / 'metrics.jsonl'}"
-        )
+        seconds, step = time.perf_counter() - self._start, self.state.step
+        last, val = result.losses.get(step), result.val_losses.get(step)
+        self.logger.print(done_line(self.cfg, step, seconds, last, val))
         return result
 
     def close(self) -> None:
