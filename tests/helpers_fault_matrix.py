@@ -137,6 +137,7 @@ def check_finished(run_dir: Path, baseline: dict[str, Any], kept: set[str]) -> N
     assert train == baseline["train"]  # each step once, in order, with the same loss
     assert val == baseline["val"]
     assert not kept - record_lines(run_dir), "records of the attempt cut short were lost"
+    assert (run_dir / "config.yaml").is_file()
     left = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
     assert left == [] and not (run_dir / ".lock").exists()
 

@@ -36,6 +36,81 @@ from helpers_fault_matrix import (
 # is honoured inside evaluation: a branch still to be merged) at step 8, saved with the
 # evaluation still to do.
 EVALUATION_STOP = (8, 9)
+
+# Two workers: each attempt of a chain is the same command again, continuing what the previous
+# attempt's fault left; after the last fault it must finish. Every point appears at least once,
+# in the mode that tells most with two workers: rank 1 killed is a peer lost (commit and
+# retention are rank 0's alone); a SIGTERM goes to the launcher, which forwards it to both
+# workers. One chain saves synchronously, the other in the background. Each fault, and the
+# step the next attempt resumes from (0: starts over; 12: the run is done already).
+CHAINS = {
+    "sync-saves": (
+        [],
+        [
+            ("start-up@1:rank1", 0),
+            ("forward/backward@3", 0),  # before the first commit
+            ("data@6:rank1", 4),
+            ("sync-save@8:rank1", 4),  # a peer lost during the save
+            ("commit@8", 8),
+            ("retention@12", 12),
+        ],
+    ),
+    "async-saves": (
+        ["checkpoint.async_save=true"],
+        [
+            ("start-up@1:TERM", 0),  # before the loop: stops at once, nothing to save
+            ("forward/backward@2:TERM:rank1", 2),  # the first checkpoint is the stop's
+            ("optimizer@3:TERM", 3),
+            ("async-save@4:TERM:rank1", 5),  # the stop finishes the background save first
+            ("log@6:TERM", 6),
+            ("async-save@8:rank1", 6),  # a peer lost during a background save
+            ("evaluation@8:TERM:rank1", EVALUATION_STOP),
+        ],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The uninterrupted run under `--nproc 2`, trained once for all xdist workers (the first to
+    get here trains it, the others read it)."""
+    root = tmp_path_factory.getbasetemp()
+    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "two_workers"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "baseline.pt").exists():
+            status, out = run_forked([*RUN, "--nproc", "2"], shared / "run")
+            assert status == 0, out[-3000:]
+            torch.save(baseline_of(shared / "run"), shared / "baseline.pt")
+    return torch.load(shared / "baseline.pt")
+
+
+def run_chain(chain: str, baseline: dict[str, Any], run: Path) -> None:
+    extra, faults = CHAINS[chain]
+    args = [*RUN, *extra, "--nproc", "2"]
+    kept, previous = set[str](), None
+    for fault, resumes in [*faults, (None, None)]:
+        status, out = run_forked(args, run, fault)
+        if previous is not None:  # this attempt continues what the previous fault left
+            check_continued(out, run, previous[1], f"after {previous[0]}")
+        expected = 0 if fault is None else 143 if ":TERM" in fault else 138
+        assert status == expected, f"{fault}: {out[-3000:]}"
+        kept |= record_lines(run)
+        previous = (fault, resumes)
+    check_finished(run, baseline, kept)
+
+
+# The two chains are the module's first and last tests: xdist hands the first tests to one
+# worker, so the other takes up the last while the first chain still runs.
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_workers_with_sync_saves_continue_from_each_fault(
+    two_workers: dict[str, Any], tmp_path: Path
+) -> None:
+    run_chain("sync-saves", two_workers, tmp_path / "run")
+
+
 # Each point at a step of the 12-step run (evaluations and checkpoints at 4, 8, 12), and the
 # step the same command then resumes from (0: starts over), after kill -9 and after SIGTERM. A
 # SIGTERM is acted on at the next log step (every step here): after a save, at the next step.
@@ -94,75 +169,6 @@ def test_one_process_continues_from_a_fault_at_every_point(
     assert status == 0, out[-3000:]
     check_continued(out, run, resumes[list(MODES).index(mode)])
     check_finished(run, one_process, kept)
-
-
-# Two workers: each attempt of a chain is the same command again, continuing what the previous
-# attempt's fault left; after the last fault it must finish. Every point appears at least once,
-# in the mode that tells most with two workers: rank 1 killed is a peer lost (commit and
-# retention are rank 0's alone); a SIGTERM goes to the launcher, which forwards it to both
-# workers. One chain saves synchronously, the other in the background. Each fault, and the
-# step the next attempt resumes from (0: starts over; 12: the run is done already).
-CHAINS = {
-    "sync-saves": (
-        [],
-        [
-            ("start-up@1:rank1", 0),
-            ("forward/backward@3", 0),  # before the first commit
-            ("data@6:rank1", 4),
-            ("sync-save@8:rank1", 4),  # a peer lost during the save
-            ("commit@8", 8),
-            ("retention@12", 12),
-        ],
-    ),
-    "async-saves": (
-        ["checkpoint.async_save=true"],
-        [
-            ("start-up@1:TERM", 0),  # before the loop: stops at once, nothing to save
-            ("forward/backward@2:TERM:rank1", 2),  # the first checkpoint is the stop's
-            ("optimizer@3:TERM", 3),
-            ("async-save@4:TERM:rank1", 5),  # the stop finishes the background save first
-            ("log@6:TERM", 6),
-            ("async-save@8:rank1", 6),  # a peer lost during a background save
-            ("evaluation@8:TERM:rank1", EVALUATION_STOP),
-        ],
-    ),
-}
-
-
-@pytest.fixture(scope="module")
-def two_workers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The uninterrupted run under `--nproc 2`, trained once for all xdist workers (the first to
-    get here trains it, the others read it)."""
-    root = tmp_path_factory.getbasetemp()
-    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "two_workers"
-    shared.mkdir(exist_ok=True)
-    with open(shared / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (shared / "baseline.pt").exists():
-            status, out = run_forked([*RUN, "--nproc", "2"], shared / "run")
-            assert status == 0, out[-3000:]
-            torch.save(baseline_of(shared / "run"), shared / "baseline.pt")
-    return torch.load(shared / "baseline.pt")
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.parametrize("chain", list(CHAINS))
-def test_two_workers_continue_from_a_fault_at_every_point(
-    chain: str, two_workers: dict[str, Any], tmp_path: Path
-) -> None:
-    extra, faults = CHAINS[chain]
-    args = [*RUN, *extra, "--nproc", "2"]
-    run, kept, previous = tmp_path / "run", set[str](), None
-    for fault, resumes in [*faults, (None, None)]:
-        status, out = run_forked(args, run, fault)
-        if previous is not None:  # this attempt continues what the previous fault left
-            check_continued(out, run, previous[1], f"after {previous[0]}")
-        expected = 0 if fault is None else 143 if ":TERM" in fault else 138
-        assert status == expected, f"{fault}: {out[-3000:]}"
-        kept |= record_lines(run)
-        previous = (fault, resumes)
-    check_finished(run, two_workers, kept)
 
 
 def check_continued(
@@ -227,3 +233,11 @@ def test_a_fault_strikes_once_at_its_point_and_step() -> None:
         assert progress.at[:3] == (2, 1, "data")  # and still reports where it is
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_workers_with_async_saves_continue_from_each_fault(
+    two_workers: dict[str, Any], tmp_path: Path
+) -> None:
+    run_chain("async-saves", two_workers, tmp_path / "run")
