@@ -1,7 +1,7 @@
 """A deterministic fault for tests: `DIST_TRAIN_FAULT=<point>@<step>[:<signal>][:rank<R>]` sends
 a signal when rank R (default 0) reaches that point at that step, once per process, so a test
-kills or stops a run at an exact moment instead of after a sleep. Unset, nothing checks for it:
-`Progress` is then the plain one, and the save code tests one `None` per checkpoint.
+kills or stops a run at an exact moment instead of after a sleep. Unset, no step checks for it:
+`Progress` is then the plain one; a save, a commit and retention each test one `None`.
 """
 
 from __future__ import annotations
