@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import shutil
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from dist_train.checkpoint.train_state import TrainState
 from dist_train.config.schema import RunConfig
 from dist_train.errors import ConfigError, DistTrainError, first_line
 from dist_train.launch.env import DistEnv
+from dist_train.launch.faults import Fault
 from dist_train.parallel.precision import Precision
 from dist_train.parallel.wrap import unwrap
 
@@ -65,8 +67,10 @@ class Checkpointer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         precision: Precision,
+        fault: Fault | None = None,
     ) -> None:
-        self.cfg, self.env = cfg, env
+        """`fault`: a test's (DIST_TRAIN_FAULT), struck inside saves, commits and retention."""
+        self.cfg, self.env, self.fault = cfg, env, fault
         self.model, self.optimizer, self.precision = model, optimizer, precision
         self.root = Path(cfg.train.run_dir) / "checkpoints"
         self.tied = tied_names(unwrap(model))  # for the manifest: export stores them once
@@ -139,7 +143,7 @@ class Checkpointer:
                     dcp.save(
                         self._state(self._saves_optimizer()),
                         checkpoint_id=tmp,
-                        storage_writer=HashingWriter(tmp),
+                        storage_writer=HashingWriter(tmp, self._strike("sync-save", state)),
                         **self._dcp_kwargs(),
                     )
                 self._commit(state, tmp)
@@ -156,6 +160,13 @@ class Checkpointer:
                     **self._dcp_kwargs(background=True),
                 )
             self._pending = (future, copy.deepcopy(state), tmp)  # type: ignore[assignment]
+            if self.fault is not None:  # a test's: strikes while the write runs in the background
+                self.fault.reached("async-save", state.step)
+
+    def _strike(self, point: str, state: TrainState) -> Callable[[], None] | None:
+        """What strikes the test's fault at `point` of this save (None: no fault)."""
+        fault, step = self.fault, state.step
+        return None if fault is None else lambda: fault.reached(point, step)
 
     def poll(self) -> None:
         """Commit a finished background save; costs nothing while it is still running."""
@@ -186,7 +197,9 @@ class Checkpointer:
         DCP returns on rank 0 only after every rank's shards and the metadata are written."""
         if not self.env.is_main:
             return
-        self.parent = commit_step(self.cfg, self.env, self.root, saved, tmp, self.tied, self.parent)
+        self.parent = commit_step(
+            self.cfg, self.env, self.root, saved, tmp, self.tied, self.parent, self.fault
+        )
 
     def load(self, path: Path, state: TrainState) -> None:
         """Restore everything from a complete checkpoint, checked before any collective."""

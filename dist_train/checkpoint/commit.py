@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from dist_train.checkpoint.train_state import BEST, TrainState
 from dist_train.config.schema import RunConfig
 from dist_train.errors import DistTrainError, first_line
 from dist_train.launch.env import DistEnv
+from dist_train.launch.faults import Fault
 
 
 def commit_step(
@@ -45,12 +47,14 @@ def commit_step(
     tmp: Path,
     tied: list[list[str]],
     parent: dict[str, Any] | None = None,
+    fault: Fault | None = None,
 ) -> dict[str, Any]:
     """Write the manifest into `tmp`, fsync it, put `tmp` in place as `step_N` under `root`,
     then apply retention. Rank 0 only: DCP returns there only once every rank's shards are
     written. `parent`: the checkpoint this one continues ({"step", "id"}: the one the run
     resumed from, or its previous save; None for a run's first). Returns this one's reference,
-    the parent of the run's next save."""
+    the parent of the run's next save. `fault`: a test's, struck at "commit" (the manifest
+    written, the folder not yet in place) and "retention" (an older one half deleted)."""
     digests = collect_digests(tmp)
     manifest = manifest_for(cfg, env, saved.step, saved.samples_seen, tmp, digests, tied)
     manifest["trainer"] = saved.for_manifest()
@@ -60,8 +64,11 @@ def commit_step(
     path.write_text(json.dumps(manifest, indent=1))
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+    if fault is not None:
+        fault.reached("commit", saved.step)
     put_in_place(tmp, root / step_name(saved.step))
-    _retain(root, saved, cfg.checkpoint.keep_last)
+    retention = None if fault is None else lambda: fault.reached("retention", saved.step)
+    _retain(root, saved, cfg.checkpoint.keep_last, retention)
     return {"step": saved.step, "id": manifest["id"]}
 
 
@@ -86,17 +93,22 @@ def put_in_place(new: Path, final: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def discard(folder: Path) -> None:
+def discard(folder: Path, hidden_now: Callable[[], None] | None = None) -> None:
     """Delete a checkpoint so it is never seen half-deleted: one rename to a hidden name (the
-    folder stops counting at once), then the files. A crash leaves only a `.del_*` folder."""
+    folder stops counting at once), then the files. A crash leaves only a `.del_*` folder.
+    `hidden_now`: called between the two (where a test's fault strikes)."""
     hidden = folder.with_name(DELETING + folder.name)
     if hidden.exists():
         shutil.rmtree(hidden, ignore_errors=True)
     os.replace(folder, hidden)
+    if hidden_now is not None:
+        hidden_now()
     shutil.rmtree(hidden, ignore_errors=True)
 
 
-def _retain(root: Path, saved: TrainState, keep_last: int) -> None:
+def _retain(
+    root: Path, saved: TrainState, keep_last: int, deleting: Callable[[], None] | None = None
+) -> None:
     """Drop the oldest step folders beyond `keep_last`, counting the one just committed."""
     # Retention looks only below the step just committed: a folder with a higher number is
     # not this lineage's past (with one owner per run directory there is none) and a
@@ -109,7 +121,7 @@ def _retain(root: Path, saved: TrainState, keep_last: int) -> None:
     for old in older[: max(0, len(older) - (keep_last - 1))]:
         # As before, a folder that cannot go now (a busy NFS file) goes at a later save.
         with contextlib.suppress(OSError):
-            discard(old)
+            discard(old, deleting)
     if best is not None:
         point_best(root, best)
 

@@ -10,7 +10,7 @@ folds into the manifest at commit.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import xxhash
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 
 from dist_train.checkpoint.checksums import file_digest
 
@@ -56,11 +57,25 @@ class HashingFileSystem(FileSystem):
 
 
 class HashingWriter(FileSystemWriter):
-    """FileSystemWriter whose shard files leave `<name>.xxh3` digests (rank by rank)."""
+    """FileSystemWriter whose shard files leave `<name>.xxh3` digests (rank by rank).
+    `written`: called once this rank's shards are written, before DCP finishes the save (where
+    a test's fault strikes in a synchronous save)."""
 
-    def __init__(self, path: str | os.PathLike[str], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        written: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(path, **kwargs)
         self.fs = HashingFileSystem()
+        self.written = written
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Any:
+        result = super().write_data(plan, planner)  # written by now: the future is done
+        if self.written is not None:
+            self.written()
+        return result
 
 
 def collect_digests(folder: Path) -> dict[str, str]:

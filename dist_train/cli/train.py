@@ -27,15 +27,18 @@ def run_worker(cfg: RunConfig, owned: bool = False, claim: Callable[[], None] | 
     torchrun nobody does yet, and rank 0 takes it. `claim`: the owner's moves in it
     (`lifecycle.Start.apply`), made once every check has passed."""
     from dist_train.launch.env import dist_session, read_env, under_torchrun
+    from dist_train.launch.faults import fault_for, progress_for
     from dist_train.launch.shared_dir import check_shared_run_dir
-    from dist_train.launch.watch import Progress, Watch
+    from dist_train.launch.watch import Watch
     from dist_train.train.build import build_trainer
 
     stop = StopRequest()
     stop.install()
     env = read_env(cfg.train.device)
+    fault = fault_for(env.rank, stop)  # a test's DIST_TRAIN_FAULT; None for every real run
+    progress = progress_for(fault)
     owned = owned or OWNER_ENV in os.environ
-    watch = Watch(env) if under_torchrun() else None
+    watch = Watch(env, progress) if under_torchrun() else None
     try:
         with (
             dist_session(env, cfg.parallel.timeout_s),
@@ -44,9 +47,10 @@ def run_worker(cfg: RunConfig, owned: bool = False, claim: Callable[[], None] | 
             check_shared_run_dir(Path(cfg.train.run_dir), env)
             if env.is_main and not owned:  # plain torchrun or accelerate: nobody said it yet
                 _say_world(env)
-            progress = watch.progress if watch else Progress()
-            trainer = build_trainer(cfg, env, stop, progress, claim)
+            trainer = build_trainer(cfg, env, stop, progress, claim, fault)
             try:
+                if fault is not None:  # a test's: built, and the loop is next
+                    fault.reached("start-up", trainer.state.step + 1)
                 stop.arm()  # from here a stop signal saves at the next log step
                 trainer.fit()
             finally:
@@ -129,7 +133,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     notes: list[str] = []
     cfg = load_config(args.config, args.overrides, notes)  # before torch: bad input is quick
     from dist_train.launch.env import foreign_launch, under_torchrun
+    from dist_train.launch.faults import FAULT_ENV, parse_fault
 
+    parse_fault(os.environ.get(FAULT_ENV))  # a test's fault: a malformed one is bad input
     # Said once per run: by the process the user started, or by rank 0 under plain torchrun
     # (the workers our launcher starts read the same config again and stay quiet).
     if not under_torchrun() or (os.environ.get("RANK") == "0" and OWNER_ENV not in os.environ):

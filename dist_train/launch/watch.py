@@ -111,8 +111,8 @@ class Watch:
     """A daemon thread: posts this rank's progress when it changes, and ends the process
     when its parent (torchrun's agent, inside `dist-train`'s launcher) is gone."""
 
-    def __init__(self, env: DistEnv) -> None:
-        self.env, self.progress = env, Progress()
+    def __init__(self, env: DistEnv, progress: Progress | None = None) -> None:
+        self.env, self.progress = env, progress or Progress()
         self._parent = os.getppid()
         self.leaving = False  # set once this rank's loop has ended, however: never cut short
         self._stop = threading.Event()

@@ -21,6 +21,7 @@ from dist_train.data.build import build_data
 from dist_train.data.datasets import Data, DataSpec
 from dist_train.errors import DistTrainError, PeerError
 from dist_train.launch.env import DistEnv, all_agree
+from dist_train.launch.faults import Fault
 from dist_train.launch.signals import StopRequest
 from dist_train.launch.watch import Progress
 from dist_train.models.protocol import flops_per_token, fsdp_units
@@ -91,13 +92,15 @@ def build_trainer(
     stop: StopRequest | None = None,
     progress: Progress | None = None,
     claim: Callable[[], None] | None = None,
+    fault: Fault | None = None,
 ) -> Trainer:
     """Data, model (same init on every rank), optimizer, logger; writes the resolved config.
     The caller owns the run directory (see `dist_train.launch.rundir`); `stop` receives its signals
     and `progress` is what its peers read when one of them waits in vain. `claim` (given on
     every rank or none, run on rank 0) makes the owner's moves (`lifecycle.Start.apply`) once
     every check has passed, before anything is written; with it, train.overwrite resumes
-    nothing (the earlier run is what it sets aside)."""
+    nothing (the earlier run is what it sets aside). `fault`: a test's (launch/faults.py), for
+    the checkpointer; `progress` strikes it in the loop."""
     accumulation_steps(cfg, env.world_size)  # fail on a bad batch split before touching anything
     data = build_data(cfg)
     check_watched(cfg, data.val is not None, known_metric_names(cfg, data.spec))
@@ -107,7 +110,7 @@ def build_trainer(
     model, flops = build_wrapped_model(cfg, env, data, resume_from)
     optimizer = build_optimizer(cfg.optim, model)
     precision = Precision(cfg.precision, env.device)
-    checkpointer = Checkpointer(cfg, env, model, optimizer, precision)
+    checkpointer = Checkpointer(cfg, env, model, optimizer, precision, fault)
     state = TrainState()
     if resume_from is not None:  # before anything is written: a bad checkpoint touches nothing
         checkpointer.load(resume_from, state)
