@@ -139,21 +139,9 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return baseline_of(run)
 
 
-def pending_evaluation_work(point: str, mode: str) -> list[Any]:
-    """A stop that lands on an evaluation step loses that evaluation (issue 20, 6b), until the
-    branch that evaluates before the stop save is merged."""
-    if point == "log-at-evaluation-step" and mode == "SIGTERM":
-        return [pytest.mark.xfail(reason="issue 20 6b: evaluate before the stop save", strict=True)]
-    return []
-
-
 @pytest.mark.parametrize(
     ("point", "mode"),
-    [
-        pytest.param(p, m, id=f"{p}-{m}", marks=pending_evaluation_work(p, m))
-        for p in ONE_PROCESS
-        for m in MODES
-    ],
+    [pytest.param(p, m, id=f"{p}-{m}") for p in ONE_PROCESS for m in MODES],
 )
 def test_one_process_continues_from_a_fault_at_every_point(
     point: str, mode: str, one_process: dict[str, Any], tmp_path: Path
