@@ -24,10 +24,10 @@ $(STAMP): pyproject.toml
 train: setup
 	$(BIN)/dist-train train configs/quickstart.yaml $(ARGS)
 
-# Every test, on all cores (tests that share a port or a folder sit in one xdist group); the 15
+# Every test, on all cores (an idle core steals queued tests from a busy one); the 15
 # slowest are listed at the end.
 test: lint
-	$(BIN)/pytest -n auto --dist loadgroup --durations=15 $(ARGS)
+	$(BIN)/pytest -n auto --dist worksteal --durations=15 $(ARGS)
 
 # The contributor's inner loop: unit and in-process tests only, no multi-process runs.
 test-fast: setup
