@@ -107,3 +107,24 @@ def assert_same_training(a: dict[str, Any], b: dict[str, Any], rel: float = 1e-5
     assert b["val"] == pytest.approx(a["val"], rel=rel)
     for name, tensor in a["params"].items():
         torch.testing.assert_close(b["params"][name], tensor, rtol=rel, atol=1e-6, msg=name)
+
+
+# Metric selection on a tiny regression (tests/test_selection.py, tests/test_stop_evaluation.py):
+# val/count (user_plugins.SampleCounter) is the same at every evaluation, never an improvement
+# after the first, so the best stays at the first evaluation and patience runs out on schedule.
+SELECTION_RUN = [
+    "data._target_=user_plugins.IndexedSamples",
+    "model._target_=user_plugins.TinyRegressor",
+    "model.kwargs.in_features=8",
+    "train.metrics=[user_plugins.SampleCounter]",
+    "train.global_batch_size=6",
+    "train.device=cpu",
+    "train.eval_every=2",
+    "log.every_steps=1",
+    "log.progress=never",
+]
+EARLY_STOPPING = [
+    "train.early_stopping.metric=val/count",
+    "train.early_stopping.patience=2",
+    "train.max_steps=12",
+]

@@ -12,23 +12,11 @@ from typing import Any
 
 import torch
 
+from helpers import EARLY_STOPPING, SELECTION_RUN
+
 # Selection as tests/test_selection.py runs it: val/count never improves after the first
 # evaluation, so early stopping (patience 2) ends the run at step 6; the best val/loss moves.
-RUN = [
-    "data._target_=user_plugins.IndexedSamples",
-    "model._target_=user_plugins.TinyRegressor",
-    "model.kwargs.in_features=8",
-    "train.metrics=[user_plugins.SampleCounter]",
-    "train.global_batch_size=6",
-    "train.device=cpu",
-    "train.eval_every=2",
-    "log.every_steps=1",
-    "log.progress=never",
-    "train.early_stopping.metric=val/count",
-    "train.early_stopping.patience=2",
-    "checkpoint.best.metric=val/loss",
-    "train.max_steps=12",
-]
+RUN = [*SELECTION_RUN, *EARLY_STOPPING, "checkpoint.best.metric=val/loss"]
 
 
 def train_signalled(

@@ -27,9 +27,9 @@ from helpers import StopTraining
 from helpers_run_safety import QUICK, one_line, records, snapshot
 
 
-def crash_during(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """The next run in this process dies during `step` (a kill -9 at that moment: nothing of
-    the step is logged or saved), until the test ends."""
+def crash_during(monkeypatch: pytest.MonkeyPatch, step: int, *command: str) -> None:
+    """`dist-train COMMAND` in this process, dying during `step` (a kill -9 at that moment:
+    nothing of the step is logged or saved)."""
     from dist_train.train.trainer import Trainer
 
     original = Trainer.train_step
@@ -39,7 +39,10 @@ def crash_during(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
             raise StopTraining
         return original(self, s, measure_norm)
 
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", train_step)
+        with pytest.raises(StopTraining):
+            cli(*command)
 
 
 def dead_pid() -> int:
@@ -66,10 +69,7 @@ def test_a_crash_before_the_first_checkpoint_restarts_with_the_same_command(
 ) -> None:
     run = tmp_path / "run"
     command = ["train", *QUICK, f"train.run_dir={run}"]
-    with monkeypatch.context() as m:
-        crash_during(m, 4)
-        with pytest.raises(StopTraining):
-            cli(*command)
+    crash_during(monkeypatch, 4, *command)
     leave_stale_lock(run)
     debris = run / "checkpoints/.tmp_step_0000010"  # and a first save that was cut short
     debris.mkdir(parents=True)
@@ -108,10 +108,7 @@ def test_two_workers_restart_a_run_that_crashed_before_its_first_checkpoint(
 ) -> None:
     run = tmp_path / "run"
     command = ["train", *QUICK, f"train.run_dir={run}"]
-    with monkeypatch.context() as m:
-        crash_during(m, 3)
-        with pytest.raises(StopTraining):
-            cli(*command)
+    crash_during(monkeypatch, 3, *command)
     crashed = losses(run)
     plain = launcher == "torchrun"
     proc = torchrun(command, tmp_path) if plain else cli(*command, "--nproc", "2")
@@ -127,10 +124,7 @@ def test_an_earlier_run_is_told_apart_by_the_settings_a_resume_may_not_change(
 ) -> None:
     run = tmp_path / "run"
     command = ["train", *QUICK, f"train.run_dir={run}"]
-    with monkeypatch.context() as m:
-        crash_during(m, 3)
-        with pytest.raises(StopTraining):
-            cli(*command)
+    crash_during(monkeypatch, 3, *command)
     before = snapshot(run)
     line = one_line(cli(*command, "model.n_layer=3"), "other settings")
     assert "model.n_layer (2 -> 3)" in line and "train.overwrite=true" in line
@@ -162,10 +156,8 @@ def test_resuming_an_older_checkpoint_sets_the_newer_lineage_aside(
     old = {s: read_manifest(run / f"checkpoints/step_{s:07d}")["config"] for s in (20, 30)}
     old_records = records(run)
     step10 = run / "checkpoints/step_0000010"
-    with monkeypatch.context() as m:  # a new lineage from step 10, killed during step 25
-        crash_during(m, 25)
-        with pytest.raises(StopTraining):
-            cli(*command, f"resume={step10}", "optim.lr=5e-4")
+    # a new lineage from step 10, killed during step 25
+    crash_during(monkeypatch, 25, *command, f"resume={step10}", "optim.lr=5e-4")
     (aside,) = (run / "previous").iterdir()
     moved = sorted(p.name for p in (aside / "checkpoints").iterdir())
     assert moved == ["step_0000020", "step_0000030"]  # the old lineage, whole

@@ -18,24 +18,11 @@ from dist_train.data.outdir import OutputDir
 from dist_train.data.progress import Progress
 from dist_train.errors import ConfigError
 
-from conftest import CLI, REPO, TESTS, cli, mount_tmpfs
+from conftest import cli, mount_tmpfs
 from helpers_prepare import DOCS, prep
+from helpers_scale_out import popen
 
 TEXT = "".join(DOCS)
-
-
-def _popen(*args: str, cwd: Path) -> subprocess.Popen[str]:
-    """The real `dist-train` of this checkout, in its own session, piped."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
-    return subprocess.Popen(
-        [str(CLI), *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env=env,
-    )
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -86,7 +73,7 @@ def test_encoding_workers_end_with_prepare_even_on_kill_9(tmp_path: Path) -> Non
     fifo = tmp_path / "input.txt"
     os.mkfifo(fifo)
     args = ["--out", "out", "--tokenizer", "bytes", "--workers", "2"]
-    proc, everyone = _popen("prepare", str(fifo), *args, cwd=tmp_path), []
+    proc, everyone = popen("prepare", str(fifo), *args, cwd=tmp_path), []
     try:
         with open(fifo, "w") as writer:  # returns once prepare opened it
             text = "hello world\n" * 220_000
@@ -121,7 +108,7 @@ def _wait_for_a_worker(proc: subprocess.Popen[str]) -> None:
 def test_a_stop_signal_during_prepare_says_prepare_stopped(tmp_path: Path) -> None:
     fifo = tmp_path / "input.txt"
     os.mkfifo(fifo)
-    proc = _popen("prepare", str(fifo), "--out", "out", cwd=tmp_path)
+    proc = popen("prepare", str(fifo), "--out", "out", cwd=tmp_path)
     try:
         with open(fifo, "w"):  # prepare has opened its input (its handlers are long installed)
             os.kill(proc.pid, signal.SIGTERM)

@@ -13,26 +13,9 @@ from dist_train.config.load import load_config
 from dist_train.errors import ConfigError
 
 from conftest import cli, run_on_ranks
-from helpers import train_in_process
+from helpers import EARLY_STOPPING, SELECTION_RUN, train_in_process
 
-# val/count (user_plugins.SampleCounter) is the same at every evaluation: never an improvement
-# after the first, so the best stays at the first evaluation and patience runs out on schedule.
-RUN = [
-    "data._target_=user_plugins.IndexedSamples",
-    "model._target_=user_plugins.TinyRegressor",
-    "model.kwargs.in_features=8",
-    "train.metrics=[user_plugins.SampleCounter]",
-    "train.global_batch_size=6",
-    "train.device=cpu",
-    "train.eval_every=2",
-    "log.every_steps=1",
-    "log.progress=never",
-]
-EARLY = [
-    "train.early_stopping.metric=val/count",
-    "train.early_stopping.patience=2",
-    "train.max_steps=12",
-]
+RUN, EARLY = SELECTION_RUN, EARLY_STOPPING
 
 
 def _steps(run_dir: Path) -> list[int]:
