@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers_fork import fork_main
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 CLI = Path(sys.executable).parent / "dist-train"
@@ -120,8 +122,9 @@ def cli(
     so no test reads or writes the checkout's own `runs/`.
 
     A single-process command runs in this process (`cli_here`): the same `main()`, streams and
-    exit status, without seconds of interpreter and torch start-up per call. `real=True`, or
-    several workers (`--nproc`/`--nnodes` above 1), runs the installed script in a subprocess."""
+    exit status, without seconds of interpreter and torch start-up per call. One that starts
+    processes (`--nproc`/`--nnodes` above 1, a sweep, a benchmark) runs in a forked child
+    (`fork_main`), its workers real processes. `real=True` runs the installed script itself."""
     if not real and not _spawns_workers(args):
         return cli_here(*args, cwd=cwd, env=env)
     # The checkout under test first: an editable install of another checkout (or a worktree's
@@ -131,6 +134,8 @@ def cli(
         full_env.pop(var, None)  # inherited ones only: a test may set them on purpose
     full_env.update(env or {})
     with tempfile.TemporaryDirectory(prefix="dist_train_cwd_") as scratch:
+        if not real:
+            return fork_main(list(args), cwd or Path(scratch), full_env, timeout)
         return subprocess.run(
             [str(CLI), *args],
             cwd=cwd or scratch,

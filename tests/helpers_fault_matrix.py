@@ -3,27 +3,19 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
-import signal
-import sys
-import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch._dynamo  # what every run loads (its optimizer): once, not per child
-import torch.distributed.run  # the launcher's agent
 
-import dist_train.cli.main
-import dist_train.train.build  # noqa: F401
 from dist_train.checkpoint.export import read_checkpoint_weights
 from dist_train.checkpoint.files import complete_checkpoints, read_manifest
 from dist_train.launch.faults import FAULT_ENV
 
 from conftest import REPO, TESTS
+from helpers_fork import fork_main
 
 STEPS, LOG_EVERY, EVAL_EVERY, SAVE_EVERY = 12, 1, 4, 4
 # An MLP on synthetic data: about a millisecond a step; SGD with momentum, so the optimizer has
@@ -51,54 +43,16 @@ HANG_GUARD_S = 300.0
 
 def run_forked(args: list[str], run_dir: Path, fault: str | None = None) -> tuple[int, str]:
     """`dist-train ARGS train.run_dir=RUN_DIR` (a single process, or the launcher of `--nproc
-    N`) in a forked child, with DIST_TRAIN_FAULT=`fault`; its exit status (negative: the signal
-    that killed it) and its output. The child starts from the repository root, so relative
-    config paths resolve; workers run this checkout."""
-    log = run_dir.with_name(run_dir.name + f".{time.monotonic_ns()}.log")
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        _child([*args, f"train.run_dir={run_dir}"], fault, log)
-    deadline = time.monotonic() + HANG_GUARD_S
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status), log.read_text(errors="replace")
-        if time.monotonic() > deadline:
-            os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"hung: {args} ({fault})\n{log.read_text()[-3000:]}")
-        time.sleep(0.02)
-
-
-def _child(args: list[str], fault: str | None, log: Path) -> None:
-    code = 1
-    try:
-        gc.freeze()  # the test process's objects: never collected here (a run calls gc.collect)
-        os.setpgid(0, 0)  # its own group: the hang guard ends its workers with it
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        os.chdir(REPO)
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS)])  # for workers
-        for var in (FAULT_ENV, "OMP_NUM_THREADS"):  # the launcher picks workers' threads
-            os.environ.pop(var, None)
-        if fault is not None:
-            os.environ[FAULT_ENV] = fault
-        torch.set_num_threads(1)  # one thread, as each of 2 workers on 2 cores
-        from dist_train.cli.main import main
-
-        try:
-            main(args)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    N`) in a forked child of this process (`fork_main`), with DIST_TRAIN_FAULT=`fault`; its exit
+    status (negative: the signal that killed it) and its output. The child starts from the
+    repository root, so relative config paths resolve; workers run this checkout."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
+    for var in (FAULT_ENV, "OMP_NUM_THREADS"):  # the launcher picks workers' threads
+        env.pop(var, None)
+    if fault is not None:
+        env[FAULT_ENV] = fault
+    proc = fork_main([*args, f"train.run_dir={run_dir}"], REPO, env, HANG_GUARD_S)
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 def records(path: Path) -> list[dict[str, Any]]:
