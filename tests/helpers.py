@@ -3,6 +3,7 @@ tiny settings that keep runs to seconds, and the exactness comparison."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,12 @@ EARLY_STOPPING = [
     "train.early_stopping.patience=2",
     "train.max_steps=12",
 ]
+
+
+# torch's log lines (torchrun's agent in Python, c10d in C++): "E1207 16:10:59.760000 13332 ...".
+TORCH_LOG_LINE = re.compile(r"^\[?[DIWEF]\d{4} \d\d:\d\d:\d\d")
+
+
+def torch_log_lines(text: str) -> list[str]:
+    """The lines of torch's own logs in a command's output: none may reach a user by default."""
+    return [line for line in text.splitlines() if TORCH_LOG_LINE.match(line)]

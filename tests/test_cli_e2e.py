@@ -16,7 +16,7 @@ import pytest
 from dist_train.errors import EXIT_INFRA
 
 from conftest import CLI, REPO, TESTS, cli, leftover_processes, wait_for_metrics
-from helpers import TINY_GPT
+from helpers import TINY_GPT, torch_log_lines
 
 FIELDS = {"step", "loss", "lr", "grad_norm", "samples_per_sec", "tokens_per_sec", "elapsed_sec"}
 FIELDS |= {"step_sec", "data_wait_sec"}
@@ -188,6 +188,7 @@ def test_crashed_worker_stops_the_run(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "simulated worker crash" in proc.stderr
+    assert torch_log_lines(proc.stderr) == []  # torchrun's agent says nothing; we say it once
     assert (
         proc.stderr.strip()
         .splitlines()[-1]

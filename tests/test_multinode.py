@@ -19,7 +19,7 @@ import pytest
 from dist_train.errors import EXIT_INFRA
 
 from conftest import CLI, REPO, TESTS, cli, leftover_processes
-from helpers import TINY_GPT
+from helpers import TINY_GPT, torch_log_lines
 
 RUN = [
     "configs/quickstart.yaml",
@@ -201,7 +201,8 @@ def test_a_cut_link_ends_both_nodes_within_the_timeout(lab: Lab, tmp_path: Path)
                 if n not in ended and proc.poll() is not None:
                     ended[n] = time.monotonic() - cut
             time.sleep(0.1)
-        print(f"link cut: exits after {ended} s (parallel.timeout_s=5)")
+        # Printed, not asserted (machines are shared): measured 7.6 and 8.1 s on an idle one.
+        print(f"link cut: exits after {ended} s (parallel.timeout_s=5; the aim: within 10 s)")
         assert sorted(ended) == [0, 1], f"still running: {set(range(2)) - set(ended)}"
         assert max(ended.values()) < 5 + 30  # the timeout plus a margin
         for n, proc in enumerate(nodes):
@@ -209,6 +210,7 @@ def test_a_cut_link_ends_both_nodes_within_the_timeout(lab: Lab, tmp_path: Path)
             assert proc.returncode == EXIT_INFRA, err[-3000:]  # retryable, on both nodes
             assert "Traceback" not in err, err[-3000:]
             assert "frame #" not in err and "[c10d]" not in err, err[-3000:]
+            assert torch_log_lines(err) == [], err[-3000:]
             said = [line for line in err.splitlines() if line.startswith("error: ")]
             assert said, err[-3000:]
             print(f"node {n} (exit {proc.returncode}):", *said, sep="\n  ")

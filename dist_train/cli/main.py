@@ -68,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # (c10d's store retries with 20-line stack dumps, "hostname cannot be retrieved") stays
     # off; our one-line errors say what failed. TORCH_CPP_LOG_LEVEL=WARNING shows it again.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
+    # Likewise torchrun's agent (its Python loggers read LOGLEVEL): a W/E line with a traceback
+    # per worker failure and forwarded signal; the launcher says what happened in one line.
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")
     parser = build_parser()
     # Overrides may come before or after options: collect stray key=value words too.
     args, extra = parser.parse_known_args(argv)

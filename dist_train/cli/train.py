@@ -70,7 +70,7 @@ def run_worker(cfg: RunConfig, owned: bool = False, claim: Callable[[], None] | 
             watch.failed()
         if error is e:
             raise
-        raise error from None
+        watch.leave(error)
     finally:
         if watch is not None:
             watch.close()

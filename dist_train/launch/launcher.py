@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -195,6 +196,17 @@ def join_nodes(launch: LaunchConfig) -> None:
     )
 
 
+def quiet_agent_loggers() -> None:
+    """`LOGLEVEL` (CRITICAL unless the user set it: `cli.main`) on torchrun's loggers that exist
+    already: each reads it once, when created, and a program that runs our `main` may have
+    imported torchrun before."""
+    level = os.environ.get("LOGLEVEL", "CRITICAL")
+    agent = ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith(agent) and isinstance(logger, logging.Logger):
+            logger.setLevel(level)
+
+
 def launch(
     launch: LaunchConfig, worker_args: list[str], run_dir: str | Path, saves: bool = True
 ) -> int:
@@ -205,6 +217,7 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    quiet_agent_loggers()
     # Split the cores between local workers unless the user chose (torchrun would pick 1).
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(launch.nproc)))
     log_dir = agent_log_dir(run_dir)

@@ -15,7 +15,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch.distributed as dist
 
@@ -33,7 +33,7 @@ PHASES = {  # in the order a step goes through them
 }
 POST_EVERY_S = 0.5
 FAILED = "failed"  # store key: some rank failed; the others must not linger
-STORE_TIMEOUT_S = 2.0  # after a failure: node 0's store answers at once, or is out of reach
+STORE_TIMEOUT_S = 1.0  # after a failure: node 0's store answers at once, or is out of reach
 SILENT_S = 1.5  # no post for this long (3 posting periods): the rank, or the way to it, is gone
 FAILED_GRACE_S = 3.0  # time for a rank to fail on its own (and say why) before it is ended
 FAILED_EXIT_WAIT_S = 60.0  # the most a stuck rank waits for the failed one to exit first
@@ -115,6 +115,7 @@ class Watch:
         self.env, self.progress = env, progress or Progress()
         self._parent = os.getppid()
         self.leaving = False  # set once this rank's loop has ended, however: never cut short
+        self.store_gone = False  # node 0's store did not answer after a failure: not again
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dist-train-watch", daemon=True)
         self._thread.start()
@@ -167,6 +168,8 @@ class Watch:
     def failed(self) -> None:
         """Tell the other ranks this one failed (and printed why): a rank stuck in its own
         code, which would ignore the agent's SIGTERM (a stop request), ends promptly."""
+        if self.store_gone:  # this node is cut off: nobody to tell (and no time to lose)
+            return
         try:
             store = _store(timeout_s=STORE_TIMEOUT_S)
             if store is not None:
@@ -174,6 +177,17 @@ class Watch:
                 store.set(FAILED, json.dumps(record))
         except Exception:
             pass
+
+    def leave(self, error: BaseException) -> NoReturn:
+        """This rank lost a peer and `explain` said why: it says so and exits at once, as a rank
+        the watch ends does. Not through the interpreter's shutdown: this thread may be inside
+        a store call to a node that is gone (joining it waits out the call's timeout, and a
+        daemon thread left there can abort the shutdown), and the process group's teardown
+        waits on the dead link too. The trainer has closed what it opened by now."""
+        if not getattr(error, "quiet", False):
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_INFRA)
 
     def close(self) -> None:
         self._stop.set()
@@ -191,7 +205,7 @@ class Watch:
         try:
             store = _store(timeout_s=STORE_TIMEOUT_S)
         except Exception:  # node 0's store is out of reach too
-            store = None
+            store, self.store_gone = None, True
         first = read_progress(store, self.env.world_size, exclude=self.env.rank)
         if first:
             time.sleep(SILENT_S)  # a rank that posts nothing meanwhile is gone, or cut off
