@@ -62,7 +62,7 @@ CHAINS = {
             ("forward/backward@2:TERM:rank1", 2),  # the first checkpoint is the stop's
             ("optimizer@3:TERM", 3),
             ("async-save@4:TERM:rank1", 5),  # the stop finishes the background save first
-            ("log@6:TERM", 6),
+            ("log@6:USR1", 6),  # SLURM's warning ahead of a time limit, as SIGTERM
             ("async-save@8:rank1", 6),  # a peer lost during a background save
             ("evaluation@8:TERM:rank1", EVALUATION_STOP),
         ],
@@ -94,8 +94,17 @@ def run_chain(chain: str, baseline: dict[str, Any], run: Path) -> None:
         status, out = run_forked(args, run, fault)
         if previous is not None:  # this attempt continues what the previous fault left
             check_continued(out, run, previous[1], f"after {previous[0]}")
-        expected = 0 if fault is None else 143 if ":TERM" in fault else 138
+        stop = fault is not None and (":TERM" in fault or ":USR1" in fault)
+        expected = 0 if fault is None else 143 if stop else 138
         assert status == expected, f"{fault}: {out[-3000:]}"
+        if stop and fault.startswith("start-up@"):  # type: ignore[union-attr]
+            # Nothing trained yet, so nothing saved: no line may say otherwise.
+            assert "terminated (SIGTERM) before training" in out, out[-3000:]
+            assert " saved " not in out and "and saved" not in out, out[-3000:]
+        elif stop:  # rank 0 says where it saved: where the next attempt resumes
+            steps = resumes if isinstance(resumes, tuple) else (resumes,)
+            said = [f"saved {run}/checkpoints/step_{s:07d};" for s in steps]
+            assert "preempted (SIG" in out and any(x in out for x in said), out[-3000:]
         kept |= record_lines(run)
         previous = (fault, resumes)
     check_finished(run, baseline, kept)

@@ -3,6 +3,7 @@ download): training under none/DDP/FSDP, fine-tuning from a `save_pretrained` fo
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from dist_train.errors import ConfigError
 from dist_train.models.protocol import CanSampleTokens, fsdp_units, logits_of, sampler
 from dist_train.models.registry import build_model
 
-from conftest import cli, run_on_ranks
+from conftest import cli, free_port, run_on_ranks
 from helpers import TINY_TEXT, assert_same_training, train_in_process
 
 hf = pytest.importorskip("transformers", reason="the hf extra is not installed")
@@ -111,6 +112,7 @@ def test_gpt2_trains_alike_on_one_process_ddp_and_fsdp(tmp_path: Path) -> None:
             2,
             [*HF_RUN, f"train.run_dir={tmp_path}/ddp"],
             [*HF_RUN, "parallel.strategy=fsdp", f"train.run_dir={tmp_path}/fsdp"],
+            free_port(),
         ),
         strict=True,
     )
@@ -123,9 +125,15 @@ def test_gpt2_trains_alike_on_one_process_ddp_and_fsdp(tmp_path: Path) -> None:
         assert_same_training(single, fsdp[rank])
 
 
-def two_runs(first: list[str], second: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Two trainings one after the other in the same rank processes (one spawn, not two)."""
-    return train_in_process(first), train_in_process(second)
+def two_runs(
+    first: list[str], second: list[str], port: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two trainings one after the other in the same rank processes (one spawn, not two). The
+    second group meets on a port of its own: on the first one's, a rank still leaving the old
+    group can meet the other's new one (seen as a 2-minute hang on a loaded machine)."""
+    one = train_in_process(first)
+    os.environ["MASTER_PORT"] = str(port)
+    return one, train_in_process(second)
 
 
 def test_bert_classifies_token_sequences(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO
 
+PIP = [sys.executable, "-m", "pip"]
 SOURCE_FILES = {str(p.relative_to(REPO)) for p in (REPO / "dist_train").rglob("*.py")}
 
 
@@ -38,7 +39,8 @@ def run(cmd: list[str], cwd: Path, timeout: float = 600) -> subprocess.Completed
 
 def install_into_fresh_venv(tmp_path: Path, venv: Path) -> Path:
     """`pip install .` (not editable) into a new venv at `venv`; returns its site-packages."""
-    run([sys.executable, "-m", "venv", str(venv)], tmp_path)
+    # No pip of its own (seconds to install): this environment's pip installs into it.
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)
     # The dependencies (torch ...) come from this test environment's site-packages through a
     # .pth line, so no multi-GB download; dist_train itself is built and installed for real.
     # Paths listed in a .pth file are added as plain folders: this environment's editable
@@ -55,7 +57,7 @@ def install_into_fresh_venv(tmp_path: Path, venv: Path) -> Path:
     )
     (fresh_site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     run(
-        [str(venv / "bin/python"), "-m", "pip", "install", "--quiet", "--no-deps", str(REPO)],
+        [*PIP, "--python", str(venv / "bin/python"), "install", "--quiet", "--no-deps", str(REPO)],
         tmp_path,
     )
     return fresh_site

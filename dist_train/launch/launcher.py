@@ -251,7 +251,7 @@ def _worker_failed(error: ChildFailedError) -> int:
     if failure.exitcode == EXIT_PREEMPTED:
         print(
             "dist-train: the workers stopped on a stop signal that reached another node or a "
-            "worker (not this launcher) and saved (rank 0's line says where); exit status "
+            "worker (not this launcher); rank 0's line says what was saved; exit status "
             f"{EXIT_PREEMPTED}: run the same command to continue",
             file=sys.stderr,
         )
@@ -270,9 +270,10 @@ def _stopped_by(sigval: signal.Signals, saves: bool) -> int:
     """What a stop signal forwarded to the workers came to, and the exit status that says it."""
     if sigval in PREEMPT_SIGNALS and saves:
         print(
-            f"dist-train: {sigval.name}: the workers stopped at a log step and saved "
-            f"(rank 0's line says where); exit status {EXIT_PREEMPTED}: run the same "
-            "command to continue",
+            # Rank 0's line says what was saved: a checkpoint at the step reached, or nothing
+            # when the signal came before the loop (nothing trained, nothing to lose).
+            f"dist-train: {sigval.name}: the workers stopped (rank 0's line above says what "
+            f"was saved); exit status {EXIT_PREEMPTED}: run the same command to continue",
             file=sys.stderr,
         )
         return EXIT_PREEMPTED
