@@ -5,8 +5,9 @@ of one lineage, and every record of the attempt cut short is kept (moved aside i
 faults strike where DIST_TRAIN_FAULT says (dist_train/launch/faults.py), not after a sleep.
 
 Size: 1 process, 12 points x 2 modes, each a fresh run and its rerun (forked from the test
-process: no interpreter start-up); 2 workers (`--nproc 2`), the 11 points in 13 faults (7 kill -9,
-6 SIGTERM) along two chains of reruns, 15 launches in all with the baseline."""
+process: no interpreter start-up); 2 workers (`--nproc 2`), the 11 points x 2 modes in 21 faults
+along three chains of reruns (kill -9 at each point; SIGTERM or SIGUSR1 at each, its
+forward/backward one before the first commit), 25 launches in all with the baseline."""
 
 from __future__ import annotations
 
@@ -32,10 +33,9 @@ from helpers_fault_matrix import (
     run_forked,
 )
 
-# A stop signal during the evaluation at step 8 is acted on at the next log step, or (once a stop
-# is honoured inside evaluation: a branch still to be merged) at step 8, saved with the
-# evaluation still to do.
-EVALUATION_STOP = (8, 9)
+# A stop signal during the evaluation at step 8 is acted on inside it: saved at step 8, with the
+# evaluation still owed (the resumed run does it first).
+EVALUATION_STOP = 8
 
 # Two workers: each attempt of a chain is the same command again, continuing what the previous
 # attempt's fault left; after the last fault it must finish. Every point appears at least once,
@@ -65,6 +65,21 @@ CHAINS = {
             ("log@6:USR1", 6),  # SLURM's warning ahead of a time limit, as SIGTERM
             ("async-save@8:rank1", 6),  # a peer lost during a background save
             ("evaluation@8:TERM:rank1", EVALUATION_STOP),
+        ],
+    ),
+    # The points and modes the two chains above leave out, with a checkpoint every 2 steps so
+    # that each attempt has a commit to strike.
+    "sync-saves-every-2": (
+        ["checkpoint.every_steps=2"],
+        [
+            ("data@3:TERM", 3),
+            ("optimizer@5:rank1", 4),
+            ("forward/backward@6", 4),  # after the first commit
+            ("retention@6:TERM", 7),
+            ("log@8", 7),  # a step's log comes before its checkpoint
+            ("evaluation@8:rank1", 7),  # and so does its evaluation
+            ("sync-save@8:TERM", 9),
+            ("commit@10:TERM", 11),
         ],
     ),
 }
@@ -110,7 +125,7 @@ def run_chain(chain: str, baseline: dict[str, Any], run: Path) -> None:
     check_finished(run, baseline, kept)
 
 
-# The two chains are the module's first and last tests: xdist hands the first tests to one
+# The chains are the module's first and last tests: xdist hands the first tests to one
 # worker, so the other takes up the last while the first chain still runs.
 @pytest.mark.slow
 @pytest.mark.distributed
@@ -230,6 +245,14 @@ def test_a_fault_strikes_once_at_its_point_and_step() -> None:
         assert progress.at[:3] == (2, 1, "data")  # and still reports where it is
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_workers_with_a_checkpoint_every_2_steps_continue_from_each_fault(
+    two_workers: dict[str, Any], tmp_path: Path
+) -> None:
+    run_chain("sync-saves-every-2", two_workers, tmp_path / "run")
 
 
 @pytest.mark.slow
