@@ -116,6 +116,10 @@ def run_chain(chain: str, baseline: dict[str, Any], run: Path) -> None:
             # Nothing trained yet, so nothing saved: no line may say otherwise.
             assert "terminated (SIGTERM) before training" in out, out[-3000:]
             assert " saved " not in out and "and saved" not in out, out[-3000:]
+        elif fault is not None and not stop:  # the launcher names the worker killed, not a peer
+            rank = fault.rsplit(":rank", 1)[1] if ":rank" in fault else "0"
+            said = f"error: worker rank {rank} was killed by SIGKILL"
+            assert said in out and "exit status 138 (a retry can fix it)" in out, out[-3000:]
         elif stop:  # rank 0 says where it saved: where the next attempt resumes
             steps = resumes if isinstance(resumes, tuple) else (resumes,)
             said = [f"saved {run}/checkpoints/step_{s:07d};" for s in steps]
