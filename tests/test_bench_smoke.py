@@ -114,7 +114,7 @@ def test_smoke_data(monkeypatch: pytest.MonkeyPatch) -> None:
     """Three contenders on a cheap version of the costly dataset; the same batches and work."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     tiny = ("data.kwargs.work=200", "data.kwargs.n=256", "model.kwargs.hidden=64")
-    args = BenchArgs("data", None, tiny, nproc=1, steps=2, warmup=1, repeats=2, threads=1)
+    args = BenchArgs("data", None, tiny, nproc=1, steps=2, warmup=1, repeats=1, threads=1)
     data = load_runner(get_benchmark("data"))(args).to_json()
     names = ["dist_train", "raw_torch", "dist_train num_workers=0"]
     assert [r["name"] for r in data["results"]] == names
