@@ -25,6 +25,7 @@ from dist_train.launch.network import (
     interface_of,
     is_loopback,
     local_addr_to,
+    wait_for_endpoint,
 )
 from dist_train.launch.signals import PREEMPT_SIGNALS
 
@@ -224,16 +225,14 @@ def launch(
     if launch.nnodes > 1:
         join_nodes(launch)
     try:
+        # Node 0 hosts the store: another node waits for it here, within --rdzv-timeout.
+        if launch.node_rank > 0 and not wait_for_endpoint(
+            str(launch.rdzv_endpoint), launch.rdzv_timeout_s
+        ):
+            raise _rendezvous_failed(launch, "node 0's endpoint did not answer")
         run(parse_args(torchrun_argv(launch, worker_args, log_dir)))
     except DistError as e:  # the agents' store: a node that never came, an unreachable node 0
-        # Retryable: a node the scheduler started late, or lost, comes next time; a wrong
-        # endpoint fails every retry the same way, and the line says what to check.
-        raise InfraError(
-            f"--rdzv-endpoint={launch.rdzv_endpoint!r}: the rendezvous of {launch.nnodes} "
-            f"node(s) failed ({first_line(e)}); all nodes must start the same command within "
-            f"--rdzv-timeout={launch.rdzv_timeout_s} s, with --node-rank 0..{launch.nnodes - 1} "
-            "and node 0's address as the endpoint"
-        ) from None
+        raise _rendezvous_failed(launch, first_line(e)) from None
     except ChildFailedError as e:
         return _worker_failed(e)
     except SignalException as e:  # the agent has forwarded it and waited for the workers
@@ -241,6 +240,17 @@ def launch(
     finally:
         remove_empty_dirs(log_dir)
     return 0
+
+
+def _rendezvous_failed(launch: LaunchConfig, why: str) -> InfraError:
+    """Retryable: a node the scheduler started late, or lost, comes next time; a wrong endpoint
+    fails every retry the same way, and the line says what to check."""
+    return InfraError(
+        f"--rdzv-endpoint={launch.rdzv_endpoint!r}: the rendezvous of {launch.nnodes} node(s) "
+        f"failed ({why}); all nodes must start the same command within --rdzv-timeout="
+        f"{launch.rdzv_timeout_s} s, with --node-rank 0..{launch.nnodes - 1} and node 0's "
+        "address as the endpoint"
+    )
 
 
 def _worker_failed(error: ChildFailedError) -> int:

@@ -8,6 +8,7 @@ import ipaddress
 import socket
 import struct
 import sys
+import time
 
 from dist_train.errors import InfraError
 
@@ -18,6 +19,23 @@ IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     host, _, port = endpoint.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def wait_for_endpoint(endpoint: str, timeout_s: float) -> bool:
+    """True once HOST:PORT accepts a TCP connection (node 0's rendezvous store is up), False if
+    it does not within `timeout_s`. torch's own store client, given the same timeout, retries
+    with a backoff that overshoots it by seconds; this poll keeps a node left alone to it."""
+    host, port = split_endpoint(endpoint)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(1.0, left))):
+                return True
+        except OSError:
+            if left <= 0:
+                return False
+            time.sleep(min(0.2, max(0.0, left)))
 
 
 def is_loopback(host: str) -> bool:
