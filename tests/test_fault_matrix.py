@@ -129,14 +129,13 @@ def run_chain(chain: str, baseline: dict[str, Any], run: Path) -> None:
     check_finished(run, baseline, kept)
 
 
-# The chains are the module's first and last tests: xdist hands the first tests to one
-# worker, so the other takes up the last while the first chain still runs.
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_workers_with_sync_saves_continue_from_each_fault(
-    two_workers: dict[str, Any], tmp_path: Path
+@pytest.mark.parametrize("chain", CHAINS)
+def test_two_workers_continue_from_each_fault_of_a_chain(
+    chain: str, two_workers: dict[str, Any], tmp_path: Path
 ) -> None:
-    run_chain("sync-saves", two_workers, tmp_path / "run")
+    run_chain(chain, two_workers, tmp_path / "run")
 
 
 # Each point at a step of the 12-step run (evaluations and checkpoints at 4, 8, 12), and the
@@ -249,19 +248,3 @@ def test_a_fault_strikes_once_at_its_point_and_step() -> None:
         assert progress.at[:3] == (2, 1, "data")  # and still reports where it is
     finally:
         signal.signal(signal.SIGUSR1, previous)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_two_workers_with_a_checkpoint_every_2_steps_continue_from_each_fault(
-    two_workers: dict[str, Any], tmp_path: Path
-) -> None:
-    run_chain("sync-saves-every-2", two_workers, tmp_path / "run")
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_two_workers_with_async_saves_continue_from_each_fault(
-    two_workers: dict[str, Any], tmp_path: Path
-) -> None:
-    run_chain("async-saves", two_workers, tmp_path / "run")
