@@ -246,3 +246,25 @@ def test_a_stop_signal_to_one_worker_only_is_a_preemption_not_an_error(tmp_path:
     assert [x for x in err.splitlines() if x.startswith("error")] == [], err[-2000:]
     assert "preempted (a stop signal) at step " in err  # rank 0's line: what was saved
     assert "stopped on a stop signal that reached another node or a worker" in err
+
+
+def test_a_stop_signal_wrapped_by_an_import_still_ends_as_a_stop(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGTERM landing while a dataclass is being defined (torch's imports at start-up) comes
+    back from Python as "RuntimeError: Error calling __set_name__": still status 143, one line."""
+    from dist_train.cli import main as cli_main
+    from dist_train.launch.signals import Terminated
+
+    class Field:
+        def __set_name__(self, owner: type, name: str) -> None:
+            raise Terminated(signal.SIGTERM)
+
+    def slow_import() -> None:
+        type("RunResult", (), {"return_values": Field()})
+
+    monkeypatch.setattr(cli_main, "check_torch_version", slow_import)
+    with pytest.raises(SystemExit) as stopped:
+        cli_main.main(["check", "configs/quickstart.yaml"])
+    assert stopped.value.code == EXIT_PREEMPTED
+    assert capsys.readouterr().err.splitlines() == ["terminated (SIGTERM) before training"]

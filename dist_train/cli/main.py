@@ -79,8 +79,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
     try:
-        check_torch_version()
-        code = args.func(args)
+        try:
+            check_torch_version()
+            code = args.func(args)
+        except Exception as e:
+            stop = _stop_within(e)
+            if stop is None:
+                raise
+            raise stop from None
     except DistTrainError as e:
         if _speaks(e):
             print(f"error: {e}", file=sys.stderr)
@@ -96,6 +102,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(e.message(), file=sys.stderr, flush=True)
         code = EXIT_PREEMPTED if e.saved else EXIT_UNSAVED
     sys.exit(code)
+
+
+def _stop_within(error: BaseException) -> BaseException | None:
+    """A stop signal's exception that Python wrapped on its way out: one raised while a class
+    body was set up (a dataclass field's `__set_name__`, during a seconds-long torch import)
+    comes back as a RuntimeError whose cause it is. None when the error is not a stop."""
+    seen: set[int] = set()
+    inner: BaseException | None = error
+    while inner is not None and id(inner) not in seen:
+        if isinstance(inner, (Terminated, Preempted, KeyboardInterrupt)):
+            return inner
+        seen.add(id(inner))
+        inner = inner.__cause__ or inner.__context__
+    return None
 
 
 def _terminated_line(args: argparse.Namespace, name: str) -> str:
