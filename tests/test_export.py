@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -11,15 +12,17 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, load_model
+from safetensors.torch import load_file
 
 from dist_train.checkpoint.export import export, init_model
 from dist_train.checkpoint.files import MANIFEST, complete_checkpoints
+from dist_train.checkpoint.serving import TOKENIZER_KEY as TOKENIZER
 from dist_train.checkpoint.serving import serving_metadata
 from dist_train.cli.main import build_parser
 from dist_train.config.load import load_config
 from dist_train.errors import ConfigError
 from dist_train.models.gpt import GPT
+from dist_train.models.gpt_core import load as gpt_from_export
 
 from conftest import run_on_ranks
 from helpers import TINY_GPT, train_in_process
@@ -31,17 +34,6 @@ RUN = [
     "optim.lr=1e-2",
     "log.every_steps=1",
 ]
-
-
-def gpt_from_export(path: Path) -> GPT:
-    """What a serving program does: the architecture from the metadata, the vocabulary from
-    the head's shape, then `load_model` (strict)."""
-    with safe_open(str(path), "pt") as f:
-        m = json.loads(f.metadata()["dist_train.model"])
-        vocab_size = f.get_slice("lm_head.weight").get_shape()[0]
-    model = GPT(vocab_size, m["block_size"], m["n_layer"], m["n_head"], m["n_embd"], bias=m["bias"])
-    load_model(model, str(path))
-    return model.eval()
 
 
 def outputs(model: torch.nn.Module) -> torch.Tensor:
@@ -62,16 +54,23 @@ def test_export_records_the_run_and_stores_tied_weights_once(
     run_dir, run = trained
     notes: list[str] = []
     out = export(str(run_dir), str(tmp_path / "m.safetensors"), "fp32", notes.append)
-    assert notes == []
+    assert [n.split(" (")[0] for n in notes] == [f"wrote {tmp_path / 'gpt_model.py'}"]
     with safe_open(str(out), "pt") as f:
         meta, names = f.metadata(), set(f.keys())
     cfg = load_config(None, [*RUN, f"train.run_dir={run_dir}"])
-    assert json.loads(meta["dist_train.model"]) == json.loads(
-        json.dumps(dataclasses.asdict(cfg.model))
-    )
+    assert json.loads(meta["dist_train.model"]) == {
+        **json.loads(json.dumps(dataclasses.asdict(cfg.model))),
+        "vocab_size": run["params"]["wte.weight"].shape[0],
+    }
     assert json.loads(meta["dist_train.data"]) == {"name": "text", "path": None, "_target_": None}
     assert (meta["format"], meta["dist_train.step"]) == ("pt", "8")
-    assert "dist_train.tokenizer" not in meta  # built-in text data: no tokenizer file to name
+    # built-in text data: its char alphabet, read again from the same corpus
+    tokenizer = json.loads(meta["dist_train.tokenizer"])
+    assert tokenizer["type"] == "char" and tokenizer["vocab_size"] == len(tokenizer["chars"])
+    assert tokenizer["vocab_size"] == run["params"]["wte.weight"].shape[0]
+    assert json.loads(meta["dist_train.model"])["vocab_size"] == tokenizer["vocab_size"]
+    assert out.stat().st_mode & 0o777 == 0o644  # readable by others (umask 022)
+    assert (tmp_path / "gpt_model.py").stat().st_mode & 0o777 == 0o644
     # safetensors' own rule (save_model): the first name in sorted order stays, the other is
     # named in the metadata
     assert "wte.weight" not in names and meta["wte.weight"] == "lm_head.weight"
@@ -127,7 +126,7 @@ def test_checkpoint_without_tied_record_exports_every_name(
         out = export(str(run_dir), str(tmp_path / "m.safetensors"), "fp32", notes.append)
     finally:
         manifest.write_text(original)
-    assert len(notes) == 1 and "predates records of tied weights" in notes[0]
+    assert "predates records of tied weights" in notes[0] and len(notes) == 2  # + gpt_model.py
     assert set(load_file(out)) == set(run["params"])
 
 
@@ -139,11 +138,12 @@ def test_tokenizer_of_token_data(tmp_path: Path) -> None:
     data = {"name": "tokens", "path": str(tmp_path), "_target_": None}
     notes: list[str] = []
 
-    def tokenizer() -> dict[str, Any] | None:
-        value = serving_metadata(manifest_for_data(data), notes.append).get("dist_train.tokenizer")
-        return None if value is None else json.loads(value)
+    def tokenizer() -> dict[str, Any]:
+        return json.loads(serving_metadata(manifest_for_data(data), notes.append)[TOKENIZER])
 
-    assert tokenizer() is None and "holds no meta.json or meta.pkl" in notes.pop()
+    none = tokenizer()  # said explicitly, in the metadata as on the console
+    assert none["type"] == "none" and "holds no meta.json or meta.pkl" in none["reason"]
+    assert "holds no meta.json or meta.pkl" in notes.pop()
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 50257}))  # GPT-2 BPE
     assert tokenizer() == {"vocab_size": 50257}
     itos = {0: "\n", 1: " ", 2: "a", 3: "b"}
@@ -152,13 +152,23 @@ def test_tokenizer_of_token_data(tmp_path: Path) -> None:
     entry = {"type": "tokenizers", "file": "tokenizer.json", "sha256": "ab" * 32}
     meta = {"format": "dist_train.tokens", "version": 1, "vocab_size": 300, "tokenizer": entry}
     (tmp_path / "meta.json").write_text(json.dumps(meta))  # dist_train's format comes first
-    assert tokenizer() == {"vocab_size": 300, **entry}
+    assert tokenizer() == {"vocab_size": 300, **entry}  # by name only: the file is missing
+    assert "tokenizer.json is missing" in notes.pop()
+    text = '{"model": {}}'  # the file's text goes into the export, when it is the recorded one
+    (tmp_path / "tokenizer.json").write_text(text)
+    entry["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "tokenizer": entry}))
+    assert tokenizer() == {"vocab_size": 300, **entry, "json": text}
     (tmp_path / "meta.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"unreadable meta\.json"):
         tokenizer()
     assert notes == []
-    data["name"] = "text"  # the same folder as text data: no tokenizer file is read
-    assert tokenizer() is None and notes == []
+    data.update(name="synthetic", path=None)
+    assert tokenizer() == {"type": "none", "reason": "data.name=synthetic has no tokenizer"}
+    data.update(name="text", path=str(tmp_path / "input.txt"))
+    (tmp_path / "input.txt").write_text("hello world")  # the alphabet build_data derives
+    assert tokenizer() == {"type": "char", "vocab_size": 8, "chars": " dehlorw"}
+    assert notes == []
 
 
 @pytest.mark.distributed

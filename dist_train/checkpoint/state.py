@@ -41,6 +41,17 @@ def tied_names(model: nn.Module) -> list[list[str]]:
     return sorted(sorted(names) for names in groups.values() if len(names) > 1)
 
 
+def fill_tied(weights: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The names of `model`'s tied tensors that a file stores once, filled from the stored one
+    (`load_model`'s rule), so that `load_state_dict` sees every name."""
+    filled = dict(weights)
+    for group in tied_names(model):
+        present = [n for n in group if n in weights]
+        if present:
+            filled.update({name: weights[present[0]] for name in group if name not in weights})
+    return filled
+
+
 def local_ptr(t: torch.Tensor) -> int:
     return (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
 

@@ -43,7 +43,7 @@ def build_hf_model(cls: type[nn.Module], cfg: ModelConfig, spec: DataSpec) -> nn
     """`cls(config)`: the config from `model.init_from`'s config.json when that is a
     `save_pretrained` folder, else the config class's defaults; `model.kwargs` over either.
     The weights are loaded later, by `load_pretrained` (not on a resume)."""
-    config = _make_config(cls, cfg, spec)
+    config = make_config(cls, cfg, spec)
     _check_fits_data(config, cfg, spec)
     try:
         return cls(config)
@@ -55,7 +55,8 @@ def build_hf_model(cls: type[nn.Module], cfg: ModelConfig, spec: DataSpec) -> nn
         ) from None
 
 
-def _make_config(cls: type[nn.Module], cfg: ModelConfig, spec: DataSpec) -> Any:
+def make_config(cls: type[nn.Module], cfg: ModelConfig, spec: DataSpec) -> Any:
+    """The config `build_hf_model` builds `cls` from (`dist-train export` rebuilds it too)."""
     config_cls = cls.config_class  # type: ignore[attr-defined]
     defaults = config_cls()
     _check_keys(config_cls, defaults, cfg.kwargs)
@@ -140,10 +141,12 @@ def _check_fits_data(config: Any, cfg: ModelConfig, spec: DataSpec) -> None:
         )
 
 
-def load_pretrained(model: nn.Module, source: str, key: str) -> None:
+def load_pretrained(model: nn.Module, source: str, key: str) -> dict[str, list[str]]:
     """Copy a `save_pretrained` folder's weights into `model` (built from that folder's
     config). transformers' own loader reads them: sharded files, tied weights it leaves out
-    (GPT-2's lm_head), renamed keys, a new task head initialized like transformers does."""
+    (GPT-2's lm_head), renamed keys, a new task head initialized like transformers does.
+    Returns transformers' account by name: `missing_keys` (not in the folder) and
+    `mismatched_keys` (another shape), both newly initialised; `unexpected_keys` (unused)."""
     if not hasattr(type(model), "from_pretrained") or not hasattr(model, "config"):
         raise ConfigError(
             key,
@@ -156,13 +159,21 @@ def load_pretrained(model: nn.Module, source: str, key: str) -> None:
             key, source, f"holds config.json but no weights ({' or '.join(WEIGHT_FILES)})"
         )
     try:
-        loaded = type(model).from_pretrained(  # type: ignore[attr-defined]
-            source, config=copy.deepcopy(model.config), use_safetensors=True
+        loaded, info = type(model).from_pretrained(  # type: ignore[attr-defined]
+            source,
+            config=copy.deepcopy(model.config),
+            use_safetensors=True,
+            output_loading_info=True,
         )
     except Exception as e:
         raise ConfigError(key, source, f"{type(e).__name__}: {first_line(e)}") from None
     # Same class and config, so the same names; copied in the model's own dtype (fp32).
     model.load_state_dict(loaded.state_dict())
+    # Names, or (name, shapes...) tuples for mismatched ones in some transformers versions.
+    return {
+        kind: sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind, ()))
+        for kind in ("missing_keys", "mismatched_keys", "unexpected_keys")
+    }
 
 
 def causal_lm_context(model: nn.Module) -> int | None:
