@@ -37,7 +37,10 @@ def jsonl_series(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def assert_same_series(got: dict[str, dict[int, float]], want: dict[str, dict[int, float]]) -> None:
-    assert got.keys() == want.keys() and "loss" in want and "val/loss" in want
+    """`got`: a tracker's; `want`: metrics.jsonl's, whose training keys the trackers name
+    `train/...` beside the evaluation's `val/...`."""
+    want = {key if "/" in key else f"train/{key}": points for key, points in want.items()}
+    assert got.keys() == want.keys() and "train/loss" in want and "val/loss" in want
     for key, points in want.items():
         assert sorted(got[key]) == sorted(points), key
         for step, value in points.items():
@@ -68,6 +71,16 @@ def tensorboard_series(log_dir: Path) -> tuple[dict[str, dict[int, float]], dict
     start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
     hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
     return series, hparams
+
+
+def tensorboard_text(log_dir: Path, tag: str) -> list[tuple[int, str]]:
+    """(step, text) of each `add_text(tag, ...)`, as TensorBoard's reader has them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    events = acc.Tensors(f"{tag}/text_summary")
+    return [(e.step, e.tensor_proto.string_val[0].decode()) for e in events]
 
 
 def wandb_records(path: Path) -> list[Any]:

@@ -14,6 +14,7 @@ import pytest
 
 from dist_train.config.schema import LogConfig
 from dist_train.track.console import NO_TQDM, Console
+from dist_train.track.summary import duration, metric_line, rate
 
 from conftest import cli
 from helpers_trackers import RUN
@@ -91,13 +92,77 @@ def test_cli_bar_with_every_tracker(tmp_path: Path) -> None:
     # blanking of it are lines of their own, and a metric line broken by the bar would show.
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert list(records[0]) == ["step", "run_start"]  # the summary's record, then the metrics
+    records = records[1:]
     shown = [line.split() for line in lines if line.startswith("step ")]
     assert [words[1] for words in shown] == [str(r["step"]) for r in records]
-    assert [words[::2] for words in shown] == [list(r) for r in records]  # every key, whole
+    assert [words[::2] for words in shown] == [console_keys(r) for r in records]  # whole
+    assert all(len(line) <= 120 for line in lines if line.startswith("step "))
     bars = [line for line in lines if "/20 [" in line]
     final = re.fullmatch(
         r"100%\|\S+\| 20/20 \[(\d\d:\d\d)<00:00, *[\d.]+(step/s|s/step), loss [\d.]+\]", bars[-1]
     )
     assert final, bars[-1]  # the finished bar: elapsed<remaining (ETA), rate, the last loss
     rest = [line for line in lines if line not in bars and not line.startswith("step ")]
-    assert [line.split(":")[0] for line in rest] == ["dist-train", "done"], proc.stdout
+    summary = ["run", "model", "data", "batch", "steps", "parallel", "checkpoints", "metrics"]
+    assert [line.split(":")[0] for line in rest] == ["dist-train", *summary, "done"], proc.stdout
+
+
+# The console's names of metrics.jsonl's keys (the file keeps its own); samples/s is left out
+# beside tok/s (a fixed multiple of it), and keys whose value is None are left out.
+CONSOLE_NAMES = {
+    "tokens_per_sec": "tok/s",
+    "samples_per_sec": "samples/s",
+    "elapsed_sec": "elapsed",
+    "step_sec": "time/step",
+    "data_wait_sec": "wait",
+    "peak_mem_gb": "mem",
+    "grad_norm": "gnorm",
+}
+
+
+def console_keys(record: dict[str, object]) -> list[str]:
+    tokens = record.get("tokens_per_sec") is not None
+    return [
+        CONSOLE_NAMES.get(key, key)
+        for key, value in record.items()
+        if value is not None and not (tokens and key == "samples_per_sec")
+    ]
+
+
+def test_metric_lines_fit_and_read_alike() -> None:
+    """Fixed significant digits with units, no None, within 120 columns for a typical line."""
+    lm = {
+        "step": 12000,
+        "loss": 2.345678,
+        "lr": 0.000392156862745098,
+        "grad_norm": 0.87165,
+        "samples_per_sec": 261.5,
+        "tokens_per_sec": 16734.2,
+        "elapsed_sec": 3725.0,
+        "step_sec": 0.0362,
+        "data_wait_sec": 0.00012,
+        "mfu": 0.41327,
+        "peak_mem_gb": 12.345,
+    }
+    line = metric_line(lm)
+    assert line == (
+        "step 12000 loss 2.346 lr 3.92e-4 gnorm 0.872 tok/s 16.7k elapsed 1h02m "
+        "time/step 36.2ms wait 0.12ms mfu 41.3% mem 12.3GB"
+    )
+    assert len(line) <= 120
+    classifier = {**lm, "tokens_per_sec": None, "loss": None, "elapsed_sec": 12.345}
+    line = metric_line(classifier)
+    assert "None" not in line and "tok/s" not in line and "loss" not in line
+    assert "samples/s 262" in line and "elapsed 12.3s" in line
+    assert metric_line({"step": 6, "val/loss": 1.23456, "val/accuracy": 0.5}) == (
+        "step 6 val/loss 1.235 val/accuracy 0.5"
+    )
+    assert [rate(v) for v in (2e-3, 3e-4, 1.5e-5, 0.0)] == ["0.002", "3e-4", "1.5e-5", "0"]
+    assert [duration(s) for s in (0.5, 1.0, 59.9, 61.0, 7200.0)] == [
+        "500ms",
+        "1s",
+        "59.9s",
+        "1m01s",
+        "2h00m",
+    ]

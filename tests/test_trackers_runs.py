@@ -18,6 +18,7 @@ from helpers_trackers import (
     mlflow_history,
     mlflow_runs,
     tensorboard_series,
+    tensorboard_text,
     train,
     wandb_run,
 )
@@ -29,6 +30,9 @@ def test_tensorboard_holds_the_metrics_and_hyperparameters(tmp_path: Path) -> No
     train(tmp_path, "jsonl,tensorboard")
     series, hparams = tensorboard_series(tmp_path / "tensorboard")
     assert_same_series(series, jsonl_series(tmp_path))
+    assert "train/loss" in series and "train/lr" in series and "loss" not in series
+    ((step, text),) = tensorboard_text(tmp_path / "tensorboard", "run_start")  # the summary
+    assert step == 0 and "    model: GPT, " in text and f"    run: {tmp_path} (fresh" in text
     cfg = load_config(tmp_path / "config.yaml")
     assert hparams["optim.lr"] == pytest.approx(cfg.optim.lr)
     assert hparams["log.backends"] == '["jsonl", "tensorboard"]'
@@ -59,6 +63,7 @@ def test_mlflow_run_holds_the_metrics_and_params(tmp_path: Path) -> None:
     cfg = load_config(tmp_path / "config.yaml")
     assert float(run.data.params["optim.lr"]) == pytest.approx(cfg.optim.lr)
     assert run.data.params["resume"] == "auto"
+    assert "    model: GPT, " in run.data.tags["mlflow.note.content"]  # the run summary
     assert json.loads((tmp_path / "trackers.json").read_text()) == {"mlflow": run.info.run_id}
 
 
@@ -92,7 +97,7 @@ def test_a_resumed_run_continues_its_tracker_runs(tmp_path: Path) -> None:
     client, *runs = mlflow_runs(tmp_path)
     assert [(r.info.run_id, r.info.status) for r in runs] == [(ids["mlflow"], "FINISHED")]
     history = mlflow_history(client, runs[0])
-    assert [step for step, _ in history["loss"]] == [1, 2, 3, 4, 5, 4, 5, 6]
+    assert [step for step, _ in history["train/loss"]] == [1, 2, 3, 4, 5, 4, 5, 6]
     assert_same_series({k: dict(points) for k, points in history.items()}, want)  # later wins
 
 

@@ -1,10 +1,13 @@
-"""What every destination of metrics records offers (`Backend`, `Tracker`), and the scalars a
-tracker plots. Each tracker module imports this, never the module that builds them."""
+"""What every destination of metrics records offers (`Backend`, `Tracker`), the scalars a
+tracker plots and the run summary it shows. Each tracker module imports this, never the module
+that builds them."""
 
 from __future__ import annotations
 
 import math
 from typing import Any, Protocol
+
+from dist_train.track.summary import RUN_START, summary_lines, tracker_key
 
 
 class Backend(Protocol):
@@ -24,13 +27,25 @@ class Tracker(Backend, Protocol):
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
-    """The record's finite numbers, without `step`: what trackers plot. None and NaN/inf are
-    left out here (metrics.jsonl writes them as null and names them in `nonfinite`)."""
+    """The record's finite numbers, without `step`, under the trackers' names (`train/loss`
+    beside `val/loss`): what trackers plot. None and NaN/inf are left out here (metrics.jsonl
+    writes them as null and names them in `nonfinite`)."""
     return {
-        key: float(value)
+        tracker_key(key): float(value)
         for key, value in record.items()
         if key != "step"
         and isinstance(value, int | float)
         and not isinstance(value, bool)
         and math.isfinite(value)
     }
+
+
+def run_summary(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The facts of a `run_start` record (None values left out), None for any other record."""
+    facts = record.get(RUN_START)
+    return None if facts is None else {k: v for k, v in facts.items() if v is not None}
+
+
+def summary_markdown(facts: dict[str, Any]) -> str:
+    """The console's summary block as Markdown preformatted text (TensorBoard, MLflow notes)."""
+    return "\n".join("    " + line for line in summary_lines(facts))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
+from dist_train.track.summary import RUN_START, metric_line, summary_lines
+
 NO_TQDM = "note: no progress bar without tqdm (pip install 'dist-train[progress]')"
 
 
@@ -35,13 +37,16 @@ class Console:
                 self.tqdm = tqdm
 
     def log(self, record: dict[str, Any]) -> None:
+        if RUN_START in record:  # the run summary: a message, shown whatever the backends
+            self.print("\n".join(summary_lines(record[RUN_START])))
+            return
         loss = record.get("loss")
         if isinstance(loss, float):  # None when every update of the interval was skipped
             self.postfix = f"loss {loss:.4f}"
             if self.progress_bar is not None:  # drawn at its next redraw, not now
                 self.progress_bar.set_postfix_str(self.postfix, refresh=False)
         if self.lines:
-            self.print(" ".join(_fmt(k, v) for k, v in record.items()))
+            self.print(metric_line(record))
 
     def print(self, text: str) -> None:
         if not self.enabled:
@@ -75,9 +80,3 @@ class Console:
             self.progress_bar.close()
             self.progress_bar = None
             self.tqdm = None
-
-
-def _fmt(key: str, value: Any) -> str:
-    if isinstance(value, float):
-        return f"{key} {value:.4g}" if abs(value) < 1e5 else f"{key} {value:.0f}"
-    return f"{key} {value}"

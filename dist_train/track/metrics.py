@@ -17,6 +17,7 @@ from dist_train.config.schema import LogConfig
 from dist_train.errors import DistTrainError
 from dist_train.track.backend import Backend, Tracker
 from dist_train.track.console import Console
+from dist_train.track.summary import RUN_START
 
 METRICS = "metrics.jsonl"
 DISCARDED = "metrics.discarded.jsonl"  # records of attempts that a resume rolled back
@@ -98,8 +99,11 @@ class MetricsLogger:
         max_steps: int,
         stream: TextIO | None = None,
         trackers: Sequence[Tracker] = (),
+        summary: dict[str, Any] | None = None,
     ) -> None:
+        """`summary`: the run summary's facts, logged by `start` as the `run_start` record."""
         enabled = run_dir is not None
+        self.summary = summary if enabled else None
         self.max_steps, self.last_step = max_steps, 0
         lines = "console" in cfg.backends
         self.console = Console(stream, cfg.progress, max_steps, enabled, lines)
@@ -111,6 +115,14 @@ class MetricsLogger:
         self.last_step = max(self.last_step, record["step"])
         for backend in self.backends:
             backend.log(record)
+
+    def start(self, step: int) -> None:
+        """Before the first step: the run summary, once, to every backend (the console shows
+        it as a block of lines, trackers as the run's summary) at the step the run starts at,
+        so that a resume's `trim_metrics` keeps it with the records before that step."""
+        if self.summary is not None:
+            self.log({"step": step, RUN_START: self.summary})
+            self.summary = None
 
     def print(self, text: str) -> None:
         """A message, not a metric: on the console of the main rank whatever the backends."""

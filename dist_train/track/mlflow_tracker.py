@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any
 
-from dist_train.track.backend import scalars
+from dist_train.track.backend import run_summary, scalars, summary_markdown
 
 # The lowest value limit MLflow servers have had (newer ones take 6000): a param that fits
 # this fits every server a user may point log.mlflow_uri at.
@@ -63,6 +63,9 @@ class MlflowTracker:
     def log(self, record: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
+        if (facts := run_summary(record)) is not None:  # the run's description in the UI
+            self.client.set_tag(self.run_id, "mlflow.note.content", summary_markdown(facts))
+            return
         now_ms, step = int(time.time() * 1000), record["step"]
         metrics = [Metric(k, v, now_ms, step) for k, v in scalars(record).items()]
         # Asynchronous: an sqlite write takes tens of ms, too long for a training step to wait.

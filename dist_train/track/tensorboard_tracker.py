@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dist_train.track.backend import scalars
+from dist_train.track.backend import run_summary, scalars, summary_markdown
 
 
 class TensorBoardTracker:
@@ -27,6 +27,9 @@ class TensorBoardTracker:
 
     def log(self, record: dict[str, Any]) -> None:
         step = record["step"]
+        if (facts := run_summary(record)) is not None:  # the TEXT tab, at the start step
+            self.writer.add_text("run_start", summary_markdown(facts), step)
+            return
         for key, value in scalars(record).items():
             self.writer.add_scalar(key, value, step)
 

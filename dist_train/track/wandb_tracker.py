@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dist_train.track.backend import scalars
+from dist_train.track.backend import run_summary, scalars
 
 
 class WandbTracker:
@@ -39,6 +39,9 @@ class WandbTracker:
         self.run_id: str | None = self.run.id
 
     def log(self, record: dict[str, Any]) -> None:
+        if (facts := run_summary(record)) is not None:  # the run's summary, not a history row
+            self.run.summary.update({"run_start": facts})
+            return
         # Records of the same step (training, then evaluation) merge into one W&B row.
         self.run.log(scalars(record), step=record["step"])
 

@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from dist_train.checkpoint.checkpointer import Checkpointer
-from dist_train.checkpoint.export import init_model
 from dist_train.checkpoint.files import read_manifest, resolve_resume
 from dist_train.checkpoint.train_state import TrainState
 from dist_train.config.load import save_config
-from dist_train.config.schema import RunConfig, accumulation_steps
+from dist_train.config.schema import RunConfig, accumulation_steps, micro_batch_size
 from dist_train.data.build import build_data
 from dist_train.data.datasets import Data, DataSpec
 from dist_train.errors import DistTrainError, PeerError
@@ -34,6 +33,7 @@ from dist_train.train.evaluation import known_metric_names
 from dist_train.train.optim import build_optimizer, decay_horizon
 from dist_train.train.plan import check_before_writing
 from dist_train.train.selection import check_watched
+from dist_train.train.summary import init_weights, model_facts, run_facts
 from dist_train.train.trainer import Trainer
 
 
@@ -107,7 +107,7 @@ def build_trainer(
     resume_from = None if claim is not None and cfg.train.overwrite else resolve_resume(cfg)
     saved = read_manifest(resume_from) if resume_from is not None else None
     cfg = with_schedule_horizon(cfg, saved)
-    model, flops = build_wrapped_model(cfg, env, data, resume_from)
+    model, flops, about = build_wrapped_model(cfg, env, data, resume_from)
     optimizer = build_optimizer(cfg.optim, model)
     precision = Precision(cfg.precision, env.device)
     checkpointer = Checkpointer(cfg, env, model, optimizer, precision, fault)
@@ -116,7 +116,11 @@ def build_trainer(
         checkpointer.load(resume_from, state)
         checkpointer.check_verified()  # its checksums, hashed from the page cache after the load
     before_writing(cfg, data.spec, env, claim)
-    logger = open_logger(cfg, env, state, resume_from, saved)
+    summary = None
+    if env.is_main:
+        batch = (micro_batch_size(cfg, env.world_size), accumulation_steps(cfg, env.world_size))
+        summary = run_facts(cfg, env, data, about, batch, (state.step, resume_from))
+    logger = open_logger(cfg, env, state, resume_from, saved, summary)
     return Trainer(
         cfg,
         env,
@@ -135,13 +139,13 @@ def build_trainer(
 
 def build_wrapped_model(
     cfg: RunConfig, env: DistEnv, data: Data, resume_from: Path | None
-) -> tuple[nn.Module, float | None]:
+) -> tuple[nn.Module, float | None, dict[str, Any]]:
     """The model, initialised alike on every rank, compiled if asked and wrapped for the
-    parallel strategy; with its training FLOPs per token for mfu (None: no mfu). Leaves the
-    RNG seeded per rank for what follows."""
+    parallel strategy; with its training FLOPs per token for mfu (None: no mfu) and its facts
+    for the run summary. Leaves the RNG seeded per rank for what follows."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, data.spec)
-    init_model(model, None if resume_from else cfg.model.init_from, list(cfg.model.freeze))
+    about = model_facts(model, init_weights(model, cfg, resume_from))
     flops = flops_for_mfu(cfg, env, data, model)  # before compile and wrapping: one plain pass
     if cfg.train.compile:
         # In place (module.compile), so parameter names and checkpoints stay the same; per
@@ -151,7 +155,7 @@ def build_wrapped_model(
     model = wrap_model(model, cfg.parallel, cfg.precision, env)
     # Different dropout masks per rank, reproducible per rank.
     torch.manual_seed(cfg.train.seed + env.rank)
-    return model, flops
+    return model, flops, about
 
 
 def before_writing(
@@ -177,6 +181,7 @@ def open_logger(
     state: TrainState,
     resume_from: Path | None,
     saved: dict[str, Any] | None,
+    summary: dict[str, Any] | None = None,
 ) -> MetricsLogger:
     """The metrics logger and trackers (rank 0 writes), then config.yaml and metrics.jsonl
     trimmed to the step the run starts from; says what a resume continues from. A run with
@@ -197,7 +202,11 @@ def open_logger(
             tracker.close(finished=False)
         raise
     logger = MetricsLogger(
-        run_dir if env.is_main else None, cfg.log, cfg.train.max_steps, trackers=trackers
+        run_dir if env.is_main else None,
+        cfg.log,
+        cfg.train.max_steps,
+        trackers=trackers,
+        summary=summary,
     )
     if env.is_main and moved:
         logger.print(

@@ -266,6 +266,7 @@ class Trainer:
         if (line := done_already(self.cfg, self.state)) is not None:
             self.logger.print(line)
             return result
+        self.logger.start(self.state.step)  # the run summary (rank 0), before any step
         self.model.train()
         self._start = time.perf_counter()
         self._interval = (self.state.step, self._start)
