@@ -82,11 +82,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             check_torch_version()
             code = args.func(args)
+            sys.stdout.flush()  # a reader gone shows here, in the handlers below, not at exit
         except Exception as e:
             stop = _stop_within(e)
             if stop is None:
                 raise
             raise stop from None
+    except BrokenPipeError:
+        code = _stdout_closed()
     except DistTrainError as e:
         if _speaks(e):
             print(f"error: {e}", file=sys.stderr)
@@ -102,6 +105,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(e.message(), file=sys.stderr, flush=True)
         code = EXIT_PREEMPTED if e.saved else EXIT_UNSAVED
     sys.exit(code)
+
+
+def _stdout_closed() -> int:
+    """Whoever read stdout went away (`dist-train check CFG | head -3`): as Python's docs on
+    SIGPIPE advise, stdout goes to devnull (the interpreter's last flush would fail again,
+    with a traceback), and the status is a SIGPIPE death's, 141, as a shell pipeline expects."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _stop_within(error: BaseException) -> BaseException | None:

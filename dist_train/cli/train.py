@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from dist_train.cli.run_args import add_run_args, launch_config
 from dist_train.errors import DistTrainError, PeerError
+from dist_train.launch.quiet import quiet_other_ranks
 from dist_train.launch.rundir import OWNER_ENV, RunLock, owned_run_dir
 from dist_train.launch.signals import StopRequest
 
@@ -128,6 +130,7 @@ def _nothing() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    quiet_other_ranks()  # before the config's _target_ may import transformers
     from dist_train.config.load import load_config
 
     notes: list[str] = []
@@ -160,7 +163,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             _recover_checkpoints(run_dir)
         if lc.world_size == 1:
             return _train_alone(cfg)
-        plan = build_plan(cfg, lc.world_size)  # every config error surfaces here, once
+        with _quiet_transformers():
+            plan = build_plan(cfg, lc.world_size)  # every config error surfaces here, once
         # Node 0 owns the directory and decides how this start continues it (reading only).
         start = inspect_run_dir(cfg) if lc.node_rank == 0 else None
         done = start.done if start is not None else plan.done
@@ -180,6 +184,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         os.environ[OWNER_ENV] = f"launcher {os.getpid()}"
         worker_args = ["train", args.config, *args.overrides]
         return launch(lc, worker_args, run_dir, saves=cfg.checkpoint.enabled)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """The launcher's plan builds the model too (on the meta device): transformers' warnings
+    about its config are rank 0's to say, not the launcher's as well."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:  # no _target_ named one of its classes
+        yield
+        return
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
 
 
 def _train_alone(cfg: RunConfig) -> int:
