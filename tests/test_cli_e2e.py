@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, REPO, TESTS, cli, leftover_processes, wait_for_metrics
+from conftest import CLI, TESTS, cli, leftover_processes, wait_for_metrics
 from helpers import TINY_GPT, torch_log_lines
 
 FIELDS = {"step", "loss", "lr", "grad_norm", "samples_per_sec", "tokens_per_sec", "elapsed_sec"}
@@ -193,35 +193,6 @@ def test_crashed_worker_stops_the_run(tmp_path: Path) -> None:
         .startswith("error: worker rank 1 failed with exit code 1")
     )
     assert leftover_processes(str(run_dir)) == []
-
-
-@pytest.mark.slow
-def test_readme_quickstart_command(tmp_path: Path) -> None:
-    """The first command in the README, as written, plus a run directory and a tenth of the
-    steps, with its evaluation and checkpoint at the last of them (the rest is the same loop for
-    another minute)."""
-    readme = (REPO / "README.md").read_text()
-    command = readme.split("```bash\n", 1)[1].split("\n", 1)[0]
-    assert command == "make train"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run(
-        [
-            *command.split(),
-            f"ARGS=train.run_dir={tmp_path}/qs train.max_steps=100 train.eval_every=100 "
-            "checkpoint.every_steps=100 log.every_steps=10",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = train_records(tmp_path / "qs")
-    assert records[-1]["step"] == 100 and records[-1]["loss"] < 0.8 * records[0]["loss"]
-    assert (tmp_path / "qs" / "checkpoints" / "step_0000100").is_dir()
-    assert "--- sample" in proc.stdout and "val/loss" in proc.stdout
-    print(f"quickstart: {records[-1]['elapsed_sec']:.1f} s, loss {records[-1]['loss']:.3f}")
 
 
 @pytest.mark.slow
