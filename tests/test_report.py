@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -15,6 +16,10 @@ from dist_train.errors import ConfigError, DistTrainError
 
 from conftest import REPO, TESTS
 from helpers_sweep import write_run
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
 def fake_run(run_dir: Path, scale: float, tokens: bool = True) -> Path:
@@ -116,3 +121,62 @@ def test_report_cli_is_one_line_and_loads_no_torch(tmp_path: Path) -> None:
         bad.stderr.strip()
         == f"error: {tmp_path}: no metrics.jsonl (not a run directory, or it never logged)"
     )
+
+
+def figure_of(runs_records: dict[str, list[dict]]) -> Figure:
+    from dist_train.experiments.report import draw, panels_for
+
+    runs = list(runs_records.items())
+    return draw(runs, panels_for(runs))
+
+
+def panel(fig: Figure, title: str) -> Axes:
+    return next(ax for ax in fig.axes if ax.get_title() == title)
+
+
+def test_a_panel_of_one_point_shows_its_value_as_text(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    train = [{"step": s, "loss": 3.0 / s, "lr": 1e-3} for s in range(10, 101, 10)]
+    once = [*train, {"step": 100, "val/loss": 1.23456, "val/accuracy": 0.5}]
+    alone = panel(figure_of({"run": once}), "val/loss")
+    assert [t.get_text() for t in alone.texts] == ["1.235 at step 100"]
+    assert list(alone.get_lines()) == [] and list(alone.get_yticks()) == []  # no lone dot, no scale
+    # several runs: one line each, named; a run evaluated twice is a curve, the others still text
+    twice = [*train, {"step": 50, "val/loss": 2.0}, {"step": 100, "val/loss": 1.5}]
+    fig = figure_of({"a": once, "b": [*train, {"step": 100, "val/loss": 0.5}], "c": twice})
+    mixed = panel(fig, "val/loss")
+    assert [t.get_text() for t in mixed.texts] == ["a: 1.235 at step 100", "b: 0.5 at step 100"]
+    assert [len(line.get_xdata()) for line in mixed.get_lines()] == [2]
+    assert list(panel(fig, "train loss").texts) == []
+
+
+def test_curves_hidden_under_others_are_named_in_the_panels_legend() -> None:
+    pytest.importorskip("matplotlib")
+
+    def run(scale: float, lr: float, steps: int = 100) -> list[dict]:
+        return [{"step": s, "loss": scale / s, "lr": lr * s} for s in range(10, steps + 1, 10)]
+
+    fig = figure_of(
+        {
+            "a": run(1.0, 1e-3),
+            "b": run(2.0, 1e-3 * (1 + 1e-6)),  # visibly the same: within a line's width
+            "c": run(3.0, 1e-3, steps=50),  # shorter: on the others over its steps
+            "d": run(4.0, 2e-3),
+            "e": run(5.0, 2e-3),
+        }
+    )
+    legend = panel(fig, "learning rate").get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "lr (same for a, b, c)",
+        "lr (same for d, e)",
+    ]
+    assert panel(fig, "train loss").get_legend() is None  # distinct curves: nothing to say
+    # the figure's own legend still names every run once
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "b", "c", "d", "e"]
+
+
+def test_the_quickstart_logs_enough_points_for_a_curve() -> None:
+    from dist_train.config.load import load_config
+
+    cfg = load_config(REPO / "configs/quickstart.yaml")
+    assert cfg.train.max_steps // cfg.log.every_steps >= 50

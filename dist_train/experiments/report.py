@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from dist_train.errors import ConfigError, DistTrainError, install_hint
 from dist_train.experiments.grid import SWEEP_FILE, sweep_variants
@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 Run = tuple[str, list[Record]]  # (legend label, records)
+Color = tuple[float, float, float, float]  # RGBA, as a colormap gives it
+
+
+class Curve(NamedTuple):
+    index: int  # of its run
+    steps: list[int]
+    values: list[float]
 
 
 @dataclass(frozen=True)
@@ -131,22 +138,91 @@ def legend_columns(labels: Sequence[str], width_in: float) -> int:
     return max(1, min(len(labels), int(width_in // entry_in)))
 
 
-def draw_panel(ax: Axes, panel: Panel, runs: Sequence[Run], colors: list, last: int) -> None:
+def draw_panel(ax: Axes, panel: Panel, runs: Sequence[Run], colors: list[Color], last: int) -> None:
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    for color, (label, records) in zip(colors, runs, strict=True):
+    curves: list[Curve] = []
+    alone: list[tuple[str, Color]] = []
+    for i, (color, (label, records)) in enumerate(zip(colors, runs, strict=True)):
         steps, values = series(records, panel.key)
-        marker = "o" if panel.markers or len(steps) < 3 else None  # a lone point shows too
-        ax.plot(steps, values, color=color, label=label, marker=marker, markersize=3.5, lw=1.4)
+        if len(steps) == 1:  # a lone dot is easy to miss and its value hard to read: say it
+            who = f"{label}: " if len(runs) > 1 else ""
+            alone.append((f"{who}{values[0]:.4g} at step {steps[0]}", color))
+        elif steps:
+            marker = "o" if panel.markers or len(steps) < 3 else None  # two points show too
+            ax.plot(steps, values, color=color, label=label, marker=marker, markersize=3.5, lw=1.4)
+            curves.append(Curve(i, steps, values))
     ax.set_title(panel.title)
     ax.set_xlabel("step")
     ax.set_ylabel(panel.ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlim(0, last * 1.03 or 1)
     ax.grid(alpha=0.3)
-    values = [v for _, r in runs for v in series(r, panel.key)[1]]
-    if panel.may_log and min(values) > 0 and max(values) / min(values) >= 10:
+    write_values(ax, alone, centered=not curves)
+    values = [v for c in curves for v in c.values if math.isfinite(v)]
+    log = panel.may_log and bool(values) and min(values) > 0 and max(values) / min(values) >= 10
+    if log:
         ax.set_yscale("log")  # a loss that falls by 10x and more reads better on a log scale
+    groups = coinciding(curves, log)
+    if groups:  # a curve drawn exactly under another would read as missing: say where it is
+        entries = [f"{panel.key} (same for {', '.join(runs[i][0] for i in g)})" for g in groups]
+        handles = [Line2D([], [], color=colors[g[-1]], lw=2) for g in groups]
+        ax.legend(handles, entries, fontsize="small", framealpha=0.8)
+
+
+def write_values(ax: Axes, values: Sequence[tuple[str, Color]], centered: bool) -> None:
+    """One line per single-point run, in its color: large in the middle of a panel that has no
+    curve (its y axis then has no ticks: there is no scale to read), else small at the top right."""
+    n = len(values)
+    gap = min(0.12, 0.9 / max(n, 1))
+    for k, (text, color) in enumerate(values):
+        if centered:
+            x, y, ha, va = 0.5, 0.5 + gap * ((n - 1) / 2 - k), "center", "center"
+        else:
+            x, y, ha, va = 0.98, 0.96 - k * 0.08, "right", "top"
+        size = "large" if centered and n <= 4 else "small"
+        ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color=color, fontsize=size)
+    if values and centered:
+        ax.set_yticks([])
+
+
+def coinciding(curves: Sequence[Curve], log: bool) -> list[list[int]]:
+    """Groups of curves drawn on top of each other, as run indices in run order (the last one's
+    line is the one seen). Two coincide where the shorter has the longer's steps over its span,
+    each value within 0.5% of the panel's height of the other's (about a line's width at this
+    figure size; exactly equal when every value in the panel is the same)."""
+
+    def height(v: float) -> float:
+        return math.log10(v) if log and v > 0 else v
+
+    finite = [height(v) for c in curves for v in c.values if math.isfinite(v)]
+    if len(curves) < 2 or not finite:
+        return []
+    tol = 0.005 * (max(finite) - min(finite))
+
+    def on(short: Curve, long: Curve) -> bool:
+        span = [k for k, s in enumerate(long.steps) if short.steps[0] <= s <= short.steps[-1]]
+        if [long.steps[k] for k in span] != short.steps:
+            return False
+        pairs = zip(short.values, (long.values[k] for k in span), strict=True)
+        return all(a == b or abs(height(a) - height(b)) <= tol for a, b in pairs)
+
+    root = {c.index: c.index for c in curves}  # union-find: coinciding is transitive here
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    for k, a in enumerate(curves):
+        for b in curves[k + 1 :]:
+            if on(a, b) or on(b, a):
+                root[find(b.index)] = find(a.index)
+    groups: dict[int, list[int]] = {}
+    for c in curves:
+        groups.setdefault(find(c.index), []).append(c.index)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def report(paths: Sequence[str], out: str, say: Callable[[str], None] = print) -> list[str]:
