@@ -1,8 +1,11 @@
-"""What ships with the project works as shipped: every config at 1 and 2 workers, the test
-suite's own hygiene guard, and the package's version and config lookup."""
+"""What ships with the project works as shipped: every config at 1 and 2 workers, saving
+periodically and naming its target machine; the test suite's own hygiene guard, and the
+package's version and config lookup."""
 
 from __future__ import annotations
 
+import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ SHORT = [
     "train.eval_batches=1",
     "train.sample_tokens=0",
     "checkpoint.enabled=false",
+    'checkpoint.best.metric=""',  # a best checkpoint needs checkpoints
     "log.progress=never",
     "log.every_steps=1",
 ]
@@ -45,6 +49,19 @@ def test_every_shipped_config_trains_at_one_and_two_workers(tmp_path: Path) -> N
         two = run_on_ranks(train_config, 2, path, str(tmp_path / "two" / path.stem))
         assert sorted(one) == [1, 2] and all(0 < v < float("inf") for v in one.values()), path
         assert all(sorted(rank) == [1, 2] for rank in two), path
+
+
+def test_every_shipped_config_saves_periodically_and_states_its_target() -> None:
+    """A stop or crash of a shipped run loses at most one save interval, and the comment at the
+    top says where it is meant to run (minutes on 2 CPU cores, or one GPU) before anyone starts it
+    on the wrong machine."""
+    target = re.compile(r"(a|\d+) minutes? on 2 CPU cores|on one GPU", re.IGNORECASE)
+    for path in CONFIGS:
+        cfg = load_config(path)
+        assert cfg.checkpoint.enabled and 0 < cfg.checkpoint.every_steps < cfg.train.max_steps, path
+        lines = path.read_text().splitlines()
+        header = " ".join(line for line in itertools.takewhile(lambda x: x.startswith("#"), lines))
+        assert target.search(header), f"{path.name}: no target in its opening comment"
 
 
 def test_shipped_configs_resolve_from_anywhere(
