@@ -121,8 +121,11 @@ def test_gpt2_trains_alike_on_one_process_ddp_and_fsdp(tmp_path: Path) -> None:
         assert ddp[rank]["wrapper"] == "DistributedDataParallel"
         assert fsdp[rank]["wrapper"] == "FSDPGPT2LMHeadModel"
         assert 0.45 < fsdp[rank]["local_numel"] / fsdp[rank]["numel"] < 0.55  # sharded
-        assert_same_training(single, ddp[rank])
-        assert_same_training(single, fsdp[rank])
+        # AdamW divides by the root of the squared gradient: on an element whose gradient is
+        # near zero, the sum order of 1 vs 2 ranks moves the update by ~1e-6 on some CPUs
+        # (seen on an AMD EPYC: 1.6e-6 in one LayerNorm bias element, DDP and FSDP alike).
+        assert_same_training(single, ddp[rank], atol=1e-5)
+        assert_same_training(single, fsdp[rank], atol=1e-5)
 
 
 def two_runs(
