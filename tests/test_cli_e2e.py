@@ -43,7 +43,7 @@ def assert_trained(proc: subprocess.CompletedProcess[str], run_dir: Path) -> lis
     vals = [
         json.loads(line)
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        if "val/loss" in line
+        if "val/loss" in json.loads(line)
     ]
     assert [v["step"] for v in vals] == [20, 40]
     assert (run_dir / "config.yaml").is_file()

@@ -151,6 +151,7 @@ def test_resuming_an_older_checkpoint_sets_the_newer_lineage_aside(
         "train.max_steps=30",
         "checkpoint.every_steps=10",
         "checkpoint.keep_last=3",
+        "checkpoint.best.metric=''",  # step folders alone (best follows them: test_selection)
     ]
     assert cli(*command).returncode == 0
     old = {s: read_manifest(run / f"checkpoints/step_{s:07d}")["config"] for s in (20, 30)}

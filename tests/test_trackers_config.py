@@ -96,7 +96,8 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path: Path) -> None:
 
 def test_trackers_get_finite_numbers_and_the_flat_config() -> None:
     record = {"step": 4, "loss": None, "val/loss": float("nan"), "lr": 0.1, "n": 3, "ok": True}
-    assert scalars(record) == {"lr": 0.1, "n": 3.0}  # any numeric key, not a fixed list
+    # any numeric key, not a fixed list; training scalars as train/... beside val/...
+    assert scalars(record) == {"train/lr": 0.1, "train/n": 3.0}
     flat = flat_config(RunConfig())
     assert flat["optim.lr"] == RunConfig().optim.lr and flat["resume"] == "auto"
     assert flat["optim.betas"] == "[0.9, 0.95]" and flat["model._target_"] == "null"

@@ -123,8 +123,6 @@ def _validate_selection(cfg: RunConfig) -> None:
         raise ConfigError("train.early_stopping.patience", stop.patience, "must be >= 1")
     if stop.min_delta < 0:
         raise ConfigError("train.early_stopping.min_delta", stop.min_delta, "must be >= 0")
-    if best.metric and not cfg.checkpoint.enabled:
-        raise ConfigError("checkpoint.best.metric", best.metric, "needs checkpoint.enabled=true")
 
 
 def to_yaml(cfg: RunConfig) -> str:

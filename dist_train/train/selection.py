@@ -54,7 +54,9 @@ class Watches:
     def __init__(self, cfg: RunConfig, watches: dict[str, dict[str, Any]]) -> None:
         self.cfg, self.each = cfg, {}
         best, stop = cfg.checkpoint.best, cfg.train.early_stopping
-        if best.metric:
+        # checkpoint.enabled=false turns every save off, the best one included: a shipped config
+        # that keeps a best checkpoint runs unsaved with that one override.
+        if best.metric and cfg.checkpoint.enabled:
             state = watches.setdefault(BEST, {})
             key = "checkpoint.best.metric"
             self.each[BEST] = MetricWatch(key, best.metric, best.mode, 0.0, state)
@@ -85,8 +87,9 @@ class Watches:
 def check_watched(cfg: RunConfig, has_val: bool, names: list[str] | None) -> None:
     """Up front, before anything is written: a watch needs a validation set, and a metric the
     evaluation reports (`names`; None: not known before the first evaluation)."""
+    best = cfg.checkpoint.best.metric if cfg.checkpoint.enabled else None
     for key, metric in (
-        ("checkpoint.best.metric", cfg.checkpoint.best.metric),
+        ("checkpoint.best.metric", best),
         ("train.early_stopping.metric", cfg.train.early_stopping.metric),
     ):
         if metric and not has_val:

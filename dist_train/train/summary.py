@@ -116,7 +116,9 @@ def run_facts(
         "checkpoint_enabled": ckpt.enabled,
         "checkpoint_every": ckpt.every_steps,
         "keep_last": ckpt.keep_last,
-        "checkpoint_best": f"{ckpt.best.metric} ({ckpt.best.mode})" if ckpt.best.metric else None,
+        "checkpoint_best": (
+            f"{ckpt.best.metric} ({ckpt.best.mode})" if ckpt.enabled and ckpt.best.metric else None
+        ),
         "async": ckpt.async_save,
         "backends": list(dict.fromkeys(["jsonl", *cfg.log.backends])),
     }
