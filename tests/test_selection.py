@@ -102,3 +102,16 @@ def test_a_metric_the_evaluation_does_not_have_is_one_line_before_training(
             "error: checkpoint.best.metric='val/acc': not a metric of this run's evaluation (val/loss"
         )
     )
+
+
+def test_checkpoints_off_turn_the_shipped_best_checkpoint_off() -> None:
+    """The quickstart keeps a best checkpoint; `checkpoint.enabled=false` alone runs it unsaved
+    (no error asking to unset checkpoint.best too), and nothing watches for a best."""
+    from dist_train.train.selection import BEST, Watches, check_watched
+
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    assert load_config(shipped, []).checkpoint.best.metric == "val/loss"
+    cfg = load_config(shipped, ["checkpoint.enabled=false"])
+    check_watched(cfg, has_val=False, names=None)  # no validation set: nothing to watch either
+    assert BEST not in Watches(cfg, {}).each
+    assert BEST in Watches(load_config(shipped, []), {}).each
