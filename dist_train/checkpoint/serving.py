@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dist_train.data.build import default_corpus
+from dist_train.data.build import char_alphabet, default_corpus
 from dist_train.data.tokens import read_meta_pkl
 from dist_train.errors import ConfigError
 
@@ -101,7 +101,7 @@ def _text_alphabet(
             return _missing(f"cannot read {path} again ({type(e).__name__})", say)
     else:
         text = default_corpus(int(data.get("max_chars") or 0))
-    chars = "".join(sorted(set(text)))
+    chars = char_alphabet(text)
     if vocab_size is not None and len(chars) != vocab_size:
         where = data.get("path") or "the default corpus"
         why = f"{where} now has {len(chars)} characters, the model {vocab_size}"

@@ -55,6 +55,12 @@ def default_corpus(max_chars: int) -> str:
     return corpus[:max_chars] if max_chars else corpus
 
 
+def char_alphabet(text: str) -> str:
+    """The char tokenizer's vocabulary: every character of the text, in code point order (id i
+    is the i-th). An export records the same alphabet, read again from the same text."""
+    return "".join(sorted(set(text)))
+
+
 def _char_data(cfg: RunConfig) -> Data:
     if cfg.data.path:
         path = Path(cfg.data.path)
@@ -68,9 +74,9 @@ def _char_data(cfg: RunConfig) -> Data:
     else:
         text = default_corpus(cfg.data.max_chars)
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    vocab = np.unique(codes)
+    chars = char_alphabet(text)
+    vocab = np.array([ord(ch) for ch in chars], dtype=np.uint32)
     tokens = np.searchsorted(vocab, codes).astype(np.int16 if len(vocab) < 2**15 else np.int32)
-    chars = [chr(c) for c in vocab]
     stoi = {ch: i for i, ch in enumerate(chars)}
 
     def encode(s: str) -> list[int]:
