@@ -140,6 +140,35 @@ CASES: list[tuple[str, list[str], Setup, str]] = [
         "take 2 argument(s)",
     ),
     (
+        "hsdp shard_size does not divide",
+        ["parallel.strategy=hsdp", "parallel.shard_size=3", "--nproc", "2"],
+        _none,
+        "parallel.shard_size=3: must divide the world size 2",
+    ),
+    (
+        "cpu_offload with ddp",
+        ["parallel.strategy=ddp", "parallel.cpu_offload=true"],
+        _none,
+        "parallel.cpu_offload=True: offloads sharded state, so it needs parallel.strategy",
+    ),
+    (
+        "shard_size without hsdp",
+        ["parallel.strategy=fsdp", "parallel.shard_size=2"],
+        _none,
+        "parallel.shard_size=2: is hsdp's shard group size",
+    ),
+    (
+        "activation checkpointing without blocks",
+        [
+            "parallel.activation_checkpointing=full",
+            "data._target_=user_plugins.IndexedSamples",
+            "model._target_=user_plugins.TinyRegressor",
+            "model.kwargs.in_features=8",
+        ],
+        _none,
+        "parallel.activation_checkpointing='full': TinyRegressor names no blocks",
+    ),
+    (
         "unreachable tracking server",
         ["log.backends=[jsonl,mlflow]", "log.mlflow_uri=http://127.0.0.1:1"],
         _none,
@@ -156,6 +185,7 @@ ALSO_TWO = {
     "YAML scalar section",
     "not a metric",
     "unreachable tracking server",
+    "activation checkpointing without blocks",
 }
 
 

@@ -13,7 +13,6 @@ import torch
 import dist_train
 from dist_train.config.versions import check_torch_version, parse_version
 from dist_train.errors import ConfigError
-from dist_train.train.plan import Plan
 
 from conftest import cli
 
@@ -86,28 +85,6 @@ def test_torch_floor() -> None:
     check_torch_version(torch.__version__)  # the installed one passes
     with pytest.raises(ConfigError, match=r"torch='2.8.1': dist_train needs torch >= 2.9"):
         check_torch_version("2.8.1")
-
-
-def plan(strategy: str, world_size: int) -> Plan:
-    return Plan(
-        world_size,
-        "cpu",
-        "gloo",
-        strategy,
-        4,
-        1,
-        4 * world_size,
-        100,
-        10,
-        parameters=1_000_000,
-        optimizer_state_bytes=8,
-    )
-
-
-def test_plan_memory_per_rank() -> None:
-    assert plan("ddp", 4).state_bytes_per_rank == 16_000_000  # replicated: all of it
-    assert plan("fsdp", 4).state_bytes_per_rank == 4_000_000  # sharded over 4 ranks
-    assert "0.004 GiB" in plan("fsdp", 4).format()
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     lc = launch_config(args)
     check_launch(lc, device_kind(cfg))
     print(to_yaml(cfg), end="")
-    print(build_plan(cfg, lc.world_size).format())
+    print(build_plan(cfg, lc.world_size, lc.nproc).format())
     return 0
 
 

@@ -164,7 +164,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if lc.world_size == 1:
             return _train_alone(cfg)
         with _quiet_transformers():
-            plan = build_plan(cfg, lc.world_size)  # every config error surfaces here, once
+            # Every config error surfaces here, once.
+            plan = build_plan(cfg, lc.world_size, lc.nproc)
         # Node 0 owns the directory and decides how this start continues it (reading only).
         start = inspect_run_dir(cfg) if lc.node_rank == 0 else None
         done = start.done if start is not None else plan.done

@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dist_train.config.backends import validate_trackers
 from dist_train.config.layers import fit_layers
-from dist_train.config.schema import CHOICES, RunConfig
+from dist_train.config.schema import CHOICES, SHARDED, ParallelConfig, RunConfig
 from dist_train.config.sections import (
     check_fields,
     get_key,
@@ -96,18 +96,46 @@ def validate(cfg: RunConfig) -> None:
     if cfg.checkpoint.every_steps < 0 or cfg.checkpoint.keep_last < 1:
         key = "checkpoint.every_steps" if cfg.checkpoint.every_steps < 0 else "checkpoint.keep_last"
         raise ConfigError(key, get_key(cfg, key), "every_steps must be >= 0, keep_last >= 1")
-    if cfg.parallel.grad_compression != "none" and cfg.parallel.strategy == "fsdp":
-        raise ConfigError(
-            "parallel.grad_compression",
-            cfg.parallel.grad_compression,
-            "compression hooks are DDP's; with fsdp use precision.reduce_dtype",
-        )
+    _validate_parallel(cfg.parallel)
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas", cfg.optim.betas, "expected two numbers")
     validate_trackers(cfg.log)
     for metric in cfg.train.metrics:
         resolve_target(metric, "train.metrics")
     _validate_selection(cfg)
+
+
+def _validate_parallel(p: ParallelConfig) -> None:
+    """Combinations of parallel keys that mean nothing; the world-size checks come with the
+    world size (`parallel.wrap.resolve_strategy`)."""
+    sharded = p.strategy in SHARDED
+    if p.grad_compression != "none" and sharded:
+        raise ConfigError(
+            "parallel.grad_compression",
+            p.grad_compression,
+            f"compression hooks are DDP's; with parallel.strategy={p.strategy} "
+            "use precision.reduce_dtype",
+        )
+    if p.cpu_offload and not sharded:
+        raise ConfigError(
+            "parallel.cpu_offload",
+            True,
+            f"offloads sharded state, so it needs parallel.strategy zero2, fsdp or hsdp "
+            f"(parallel.strategy is {p.strategy})",
+        )
+    if p.shard_size < 0 or (p.shard_size and p.strategy != "hsdp"):
+        raise ConfigError(
+            "parallel.shard_size",
+            p.shard_size,
+            f"is hsdp's shard group size (>= 0, 0: one node's workers); "
+            f"parallel.strategy is {p.strategy}",
+        )
+    if p.activation_checkpointing_every < 1:
+        raise ConfigError(
+            "parallel.activation_checkpointing_every",
+            p.activation_checkpointing_every,
+            "must be >= 1 (checkpoint every n-th block)",
+        )
 
 
 def _validate_selection(cfg: RunConfig) -> None:

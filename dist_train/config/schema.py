@@ -81,13 +81,23 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "auto"  # auto (ddp if world_size > 1 else none) | none | ddp | fsdp
+    # auto (ddp if world_size > 1 else none) | none | ddp | zero2 | fsdp | hsdp; the README's
+    # "Parallel" section says when to pick which.
+    strategy: str = "auto"
     bucket_cap_mb: float = 25.0  # DDP gradient bucket size
     static_graph: bool = False  # DDP: graph is the same every step (enables extra optimizations)
     grad_compression: str = "none"  # DDP comm hook: none | bf16 | fp16 | powersgd
     powersgd_rank: int = 1  # powersgd: rank of the low-rank gradient approximation
     powersgd_start_step: int = 10  # powersgd: plain all-reduce before this step (warm start)
-    reshard_after_forward: bool = True  # fsdp: free gathered params after forward (less memory)
+    reshard_after_forward: bool = (
+        True  # fsdp, hsdp: free gathered params after forward (zero2 never)
+    )
+    shard_size: int = 0  # hsdp: ranks per shard group, replicated across groups (0: one node's)
+    # none | full (recompute every block's activations in backward) | every_n (every n-th block,
+    # n = activation_checkpointing_every): less activation memory for about one more forward.
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 2
+    cpu_offload: bool = False  # zero2, fsdp, hsdp: sharded state and its updates in host memory
     timeout_s: int = 600  # collective timeout; a stalled peer errors instead of hanging forever
 
 
@@ -96,7 +106,8 @@ class PrecisionConfig:
     # fp32 | bf16 | fp16: autocast of forward and loss; parameters and optimizer state stay fp32.
     # fp16 always uses a loss scaler (skips steps with inf/nan grads); bf16 never needs one.
     dtype: str = "fp32"
-    reduce_dtype: str = "fp32"  # fsdp: dtype gradients are reduce-scattered in (fp32 | bf16 | fp16)
+    # zero2, fsdp, hsdp: dtype gradients are reduce-scattered in (fp32 | bf16 | fp16)
+    reduce_dtype: str = "fp32"
     # fp16: warn once when the loss scale falls below this (gradients overflow even unscaled:
     # the scaler is skipping most steps). Changing dtype on resume is allowed; fp16 then starts
     # a fresh scaler.
@@ -154,11 +165,14 @@ class RunConfig:
     resume: str = "auto"  # auto (newest complete checkpoint in run_dir, if any) | none | PATH
 
 
+SHARDED = ("zero2", "fsdp", "hsdp")  # the strategies built on FSDP2's fully_shard
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
-    "parallel.strategy": ("auto", "none", "ddp", "fsdp"),
+    "parallel.strategy": ("auto", "none", "ddp", "zero2", "fsdp", "hsdp"),
+    "parallel.activation_checkpointing": ("none", "full", "every_n"),
     "parallel.grad_compression": ("none", "bf16", "fp16", "powersgd"),
     "precision.reduce_dtype": ("fp32", "bf16", "fp16"),
     "precision.dtype": ("fp32", "bf16", "fp16"),

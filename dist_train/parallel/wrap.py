@@ -1,4 +1,6 @@
-"""Data-parallel wrapping: none (no wrapper at all), DDP (+ comm hooks) or FSDP2 (`fully_shard`)."""
+"""Data-parallel wrapping: none (no wrapper at all), DDP (+ comm hooks), or FSDP2 (`fully_shard`)
+in three flavours: zero2 (parameters stay gathered from forward to backward), fsdp (gathered per
+block, just in time) and hsdp (fsdp within shard groups, replicated across them)."""
 
 from __future__ import annotations
 
@@ -7,11 +9,17 @@ from typing import Any
 
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_train.config.schema import ParallelConfig, PrecisionConfig
+from dist_train.config.schema import SHARDED, ParallelConfig, PrecisionConfig
 from dist_train.errors import ConfigError
 from dist_train.launch.env import DistEnv
 from dist_train.models.protocol import fsdp_units
@@ -25,15 +33,34 @@ def resolve_strategy(cfg: ParallelConfig, world_size: int) -> str:
         raise ConfigError(
             "parallel.strategy",
             cfg.strategy,
-            f"world size is {world_size}; gradients must be synchronized (ddp or fsdp)",
+            f"world size is {world_size}; gradients must be synchronized "
+            f"(ddp, {', '.join(SHARDED)})",
         )
-    if cfg.strategy == "fsdp" and world_size == 1:
+    if cfg.strategy in SHARDED and world_size == 1:
         raise ConfigError(
             "parallel.strategy",
             cfg.strategy,
-            "fsdp shards over workers and needs world_size > 1 (use none)",
+            f"{cfg.strategy} shards over workers and needs world_size > 1 (use none)",
         )
     return cfg.strategy
+
+
+def shard_group_size(cfg: ParallelConfig, world_size: int, local_world_size: int) -> int:
+    """Ranks that each parameter, gradient and optimizer state is split over: every rank under
+    zero2 and fsdp, `parallel.shard_size` (default: one node's workers) under hsdp, none (1)
+    under ddp. HSDP's shard groups are consecutive ranks, so they stay within a node."""
+    strategy = resolve_strategy(cfg, world_size)
+    if strategy != "hsdp":
+        return world_size if strategy in SHARDED else 1
+    size = cfg.shard_size or local_world_size
+    if world_size % size:
+        raise ConfigError(
+            "parallel.shard_size",
+            size,
+            f"must divide the world size {world_size} (hsdp: world_size / shard_size "
+            "replicas of shard_size ranks each)",
+        )
+    return size
 
 
 def wrap_model(
@@ -42,7 +69,7 @@ def wrap_model(
     """Move to the run's device and wrap for data parallelism. Every rank built the model from
     the same seed; DDP also broadcasts rank 0's parameters, FSDP shards the identical copies."""
     strategy = resolve_strategy(cfg, env.world_size)
-    if strategy == "fsdp":
+    if strategy in SHARDED:
         return _shard(model.to(env.device), cfg, precision, env)
     model = model.to(env.device)
     if strategy == "none":
@@ -84,19 +111,41 @@ def _shard(
     model: nn.Module, cfg: ParallelConfig, precision: PrecisionConfig, env: DistEnv
 ) -> nn.Module:
     """FSDP2 per block (`protocol.fsdp_units`: GPT's transformer blocks, a transformers model's
-    `_no_split_modules`; none: the root only), then the root. The mesh is built for the run's own device: a CPU/gloo run stays on CPU even on a GPU box."""
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
-    policy = MixedPrecisionPolicy(
-        param_dtype=DTYPES[precision.dtype], reduce_dtype=DTYPES[precision.reduce_dtype]
-    )
+    `_no_split_modules`; none: the root only), then the root. The mesh is built for the run's
+    own device: a CPU/gloo run stays on CPU even on a GPU box."""
+    strategy = resolve_strategy(cfg, env.world_size)
+    options: dict[str, Any] = {
+        "mesh": shard_mesh(cfg, env),
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=DTYPES[precision.dtype], reduce_dtype=DTYPES[precision.reduce_dtype]
+        ),
+        # Pinned host memory needs an accelerator; on a CPU run there is nothing to move anyway.
+        "offload_policy": CPUOffloadPolicy(pin_memory=env.device.type == "cuda")
+        if cfg.cpu_offload
+        else OffloadPolicy(),
+    }
+    # zero2 keeps each block's parameters gathered from its forward until its backward: no
+    # second all-gather, full-size parameters at the peak. fsdp/hsdp free them after forward.
+    reshard = cfg.reshard_after_forward and strategy != "zero2"
     for unit in fsdp_units(model):
-        fully_shard(
-            unit, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward
-        )
+        fully_shard(unit, reshard_after_forward=reshard, **options)
     # The root keeps the rest (embeddings, tied head); it is used right after the last block,
     # so resharding it after forward would only gather it again for backward.
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, reshard_after_forward=False, **options)
     return model
+
+
+def shard_mesh(cfg: ParallelConfig, env: DistEnv) -> DeviceMesh:
+    """1-D over every rank (zero2, fsdp), or 2-D (replicate, shard) for hsdp: FSDP2
+    reduce-scatters gradients within a shard group and all-reduces them across replicas."""
+    shard = shard_group_size(cfg, env.world_size, env.local_world_size)
+    if resolve_strategy(cfg, env.world_size) != "hsdp":
+        return init_device_mesh(env.device.type, (env.world_size,))
+    return init_device_mesh(
+        env.device.type,
+        (env.world_size // shard, shard),
+        mesh_dim_names=("replicate", "shard"),
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:

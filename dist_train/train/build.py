@@ -26,6 +26,7 @@ from dist_train.launch.watch import Progress
 from dist_train.models.protocol import flops_per_token, fsdp_units
 from dist_train.models.registry import build_model
 from dist_train.parallel.precision import Precision
+from dist_train.parallel.recompute import apply_activation_checkpointing
 from dist_train.parallel.wrap import wrap_model
 from dist_train.track.metrics import MetricsLogger, peak_flops, trim_metrics
 from dist_train.track.trackers import build_trackers
@@ -147,6 +148,7 @@ def build_wrapped_model(
     model = build_model(cfg.model, data.spec)
     about = model_facts(model, init_weights(model, cfg, resume_from))
     flops = flops_for_mfu(cfg, env, data, model)  # before compile and wrapping: one plain pass
+    apply_activation_checkpointing(model, cfg.parallel)  # before compile: it traces the hooks
     if cfg.train.compile:
         # In place (module.compile), so parameter names and checkpoints stay the same; per
         # block where the model has blocks, which is also what FSDP2 shards.
