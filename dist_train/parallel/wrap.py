@@ -135,6 +135,25 @@ def _shard(
     return model
 
 
+def describe(cfg: ParallelConfig, world_size: int, local_world_size: int) -> str:
+    """The strategy as the run summary says it: `hsdp (2 replicas x 2 shards), activation
+    checkpointing full, cpu offload`."""
+    strategy = resolve_strategy(cfg, world_size)
+    parts = [strategy]
+    if strategy in SHARDED:
+        shard = shard_group_size(cfg, world_size, local_world_size)
+        n = world_size // shard
+        replicas = f"{n} replica{'s' if n > 1 else ''} x " if strategy == "hsdp" else ""
+        parts[0] += f" ({replicas}{shard} shards)"
+    if cfg.activation_checkpointing != "none":
+        every = cfg.activation_checkpointing_every
+        which = "every block" if cfg.activation_checkpointing == "full" else f"every {every} blocks"
+        parts.append(f"activation checkpointing {which}")
+    if cfg.cpu_offload:
+        parts.append("cpu offload")
+    return ", ".join(parts)
+
+
 def shard_mesh(cfg: ParallelConfig, env: DistEnv) -> DeviceMesh:
     """1-D over every rank (zero2, fsdp), or 2-D (replicate, shard) for hsdp: FSDP2
     reduce-scatters gradients within a shard group and all-reduces them across replicas."""

@@ -14,7 +14,7 @@ from dist_train.config.schema import RunConfig
 from dist_train.data.datasets import Data
 from dist_train.launch.env import DistEnv
 from dist_train.models.hf import is_pretrained_dir, load_pretrained
-from dist_train.parallel.wrap import resolve_strategy
+from dist_train.parallel.wrap import describe
 
 SHOWN_NAMES = 3  # newly initialised tensors named in the init_from line; the rest counted
 
@@ -110,7 +110,7 @@ def run_facts(
         "max_steps": cfg.train.max_steps,
         "epochs": cfg.train.max_steps * global_batch / max(1, len(data.train)),
         "evaluation": evaluation(cfg, data),
-        "strategy": resolve_strategy(cfg.parallel, env.world_size),
+        "strategy": describe(cfg.parallel, env.world_size, env.local_world_size),
         "precision": cfg.precision.dtype,
         "devices": devices(env),
         "checkpoint_enabled": ckpt.enabled,
