@@ -172,10 +172,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
 
 
-def grad_sync(model: nn.Module, enabled: bool) -> AbstractContextManager[Any]:
-    """Skip gradient communication on all but the last micro-batch of an accumulation."""
+def grad_sync(
+    model: nn.Module, enabled: bool, cfg: ParallelConfig | None = None
+) -> AbstractContextManager[Any]:
+    """Skip gradient communication on all but the last micro-batch of an accumulation. zero2
+    also keeps the parameters gathered after those micro-batches' backward: the next
+    micro-batch all-gathers nothing (they are at their peak size anyway under zero2)."""
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
+        if cfg is not None and cfg.strategy == "zero2":
+            model.set_reshard_after_backward(enabled)
         return nullcontext()
     if enabled or not isinstance(model, DDP):
         return nullcontext()

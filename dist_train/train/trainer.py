@@ -102,7 +102,7 @@ class Trainer:
             x, y = self.train_batches.get(step, i)
             self._interval_wait += time.perf_counter() - waiting_since
             self.progress.enter("forward/backward", step, i)
-            with grad_sync(self.model, enabled=i == self.accum - 1):
+            with grad_sync(self.model, i == self.accum - 1, self.cfg.parallel):
                 with self.precision.autocast():
                     loss = self.loss_fn(self.model(x), y)
                     if self.accum > 1:  # mean over the rank's whole slice, not one micro-batch
