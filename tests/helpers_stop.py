@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from dist_train.track.summary import ACCOUNTING
+
 from helpers import EARLY_STOPPING, SELECTION_RUN
 
 # Selection as tests/test_selection.py runs it: val/count never improves after the first
@@ -71,7 +73,7 @@ def records(run_dir: Path) -> tuple[list[dict[str, Any]], list[tuple[int, float]
     """metrics.jsonl's evaluation records, and (step, loss) of its log records: the parts
     that do not depend on the clock."""
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in lines if "val/loss" in r]
+    val = [{k: v for k, v in r.items() if k not in ACCOUNTING} for r in lines if "val/loss" in r]
     return val, [(r["step"], r["loss"]) for r in lines if "loss" in r]
 
 

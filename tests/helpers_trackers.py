@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from dist_train.track.summary import ACCOUNTING
+
 from helpers import TINY_GPT, train_in_process
 
 RUN = [
@@ -26,12 +28,15 @@ RUN = [
 
 
 def jsonl_series(run_dir: Path) -> dict[str, dict[int, float]]:
-    """key -> {step: value} of metrics.jsonl's finite numbers: what every tracker must hold."""
+    """key -> {step: value} of metrics.jsonl's finite numbers but goodput's inputs (when, and
+    how long: not curves): what every tracker must hold."""
     series: dict[str, dict[int, float]] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         for key, value in record.items():
-            if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+            if key in ("step", *ACCOUNTING):
+                continue
+            if isinstance(value, int | float) and math.isfinite(value):
                 series.setdefault(key, {})[record["step"]] = value
     return series
 

@@ -14,7 +14,7 @@ import pytest
 
 from dist_train.config.schema import LogConfig
 from dist_train.track.console import NO_TQDM, Console
-from dist_train.track.summary import duration, metric_line, rate
+from dist_train.track.summary import ACCOUNTING, RUN_END, duration, metric_line, rate
 
 from conftest import cli
 from helpers_trackers import RUN
@@ -93,7 +93,8 @@ def test_cli_bar_with_every_tracker(tmp_path: Path) -> None:
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert list(records[0]) == ["step", "run_start"]  # the summary's record, then the metrics
-    records = records[1:]
+    assert RUN_END in records[-1]  # goodput's closing record: metrics.jsonl's alone
+    records = records[1:-1]
     shown = [line.split() for line in lines if line.startswith("step ")]
     assert [words[1] for words in shown] == [str(r["step"]) for r in records]
     assert [words[::2] for words in shown] == [console_keys(r) for r in records]  # whole
@@ -109,7 +110,8 @@ def test_cli_bar_with_every_tracker(tmp_path: Path) -> None:
 
 
 # The console's names of metrics.jsonl's keys (the file keeps its own); samples/s is left out
-# beside tok/s (a fixed multiple of it), and keys whose value is None are left out.
+# beside tok/s (a fixed multiple of it), and keys whose value is None are left out, and so are
+# goodput's inputs (when a record was written, seconds in checkpoints and evaluation).
 CONSOLE_NAMES = {
     "tokens_per_sec": "tok/s",
     "samples_per_sec": "samples/s",
@@ -126,7 +128,7 @@ def console_keys(record: dict[str, object]) -> list[str]:
     return [
         CONSOLE_NAMES.get(key, key)
         for key, value in record.items()
-        if value is not None and not (tokens and key == "samples_per_sec")
+        if value is not None and not (tokens and key == "samples_per_sec") and key not in ACCOUNTING
     ]
 
 

@@ -168,6 +168,11 @@ class Checkpointer:
         fault, step = self.fault, state.step
         return None if fault is None else lambda: fault.reached(point, step)
 
+    @property
+    def saving(self) -> bool:
+        """A background save is under way (or done, not yet committed)."""
+        return self._pending is not None
+
     def poll(self) -> None:
         """Commit a finished background save; costs nothing while it is still running."""
         if self._pending is not None and self._pending[0].done():

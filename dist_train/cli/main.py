@@ -23,6 +23,7 @@ from dist_train.cli.sweep import add_sweep_report_parsers
 from dist_train.cli.train import add_train_parser
 from dist_train.config.versions import check_torch_version
 from dist_train.errors import DistTrainError
+from dist_train.launch.clock import command_start
 from dist_train.launch.signals import (
     EXIT_PREEMPTED,
     EXIT_UNSAVED,
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # The command's start, for goodput's start-up time: the process's own start when it was
+    # started for this command (no argv: the script or `python -m`), else now.
+    started = command_start(whole_process=argv is None)
     # First thing: a stop signal during start-up (torch's import takes seconds) ends the run
     # through the exit path below, with the documented status and a line saying so.
     for signum in PREEMPT_SIGNALS:
@@ -78,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
+    args.started = started
     try:
         try:
             check_torch_version()

@@ -23,11 +23,17 @@ if TYPE_CHECKING:
     from dist_train.launch.env import DistEnv
 
 
-def run_worker(cfg: RunConfig, owned: bool = False, claim: Callable[[], None] | None = None) -> int:
+def run_worker(
+    cfg: RunConfig,
+    owned: bool = False,
+    claim: Callable[[], None] | None = None,
+    launched_at: float | None = None,
+) -> int:
     """One worker's whole life: join the group, train, always leave the group. `owned`: the
     caller (this process, or the launcher of `--nproc N`) holds the run directory; under plain
     torchrun nobody does yet, and rank 0 takes it. `claim`: the owner's moves in it
-    (`lifecycle.Start.apply`), made once every check has passed."""
+    (`lifecycle.Start.apply`), made once every check has passed. `launched_at`: when the command
+    started (Unix time), where goodput's start-up counts from."""
     from dist_train.launch.env import dist_session, read_env, under_torchrun
     from dist_train.launch.faults import fault_for, progress_for
     from dist_train.launch.shared_dir import check_shared_run_dir
@@ -49,7 +55,7 @@ def run_worker(cfg: RunConfig, owned: bool = False, claim: Callable[[], None] | 
             check_shared_run_dir(Path(cfg.train.run_dir), env)
             if env.is_main and not owned:  # plain torchrun or accelerate: nobody said it yet
                 _say_world(env)
-            trainer = build_trainer(cfg, env, stop, progress, claim, fault)
+            trainer = build_trainer(cfg, env, stop, progress, claim, fault, launched_at)
             try:
                 if fault is not None:  # a test's: built, and the loop is next
                     fault.reached("start-up", trainer.state.step + 1)
@@ -135,6 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     notes: list[str] = []
     cfg = load_config(args.config, args.overrides, notes)  # before torch: bad input is quick
+    from dist_train.launch.clock import LAUNCHED_AT_ENV, launched_at
     from dist_train.launch.env import foreign_launch, under_torchrun
     from dist_train.launch.faults import FAULT_ENV, parse_fault
 
@@ -149,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dist_train.train.plan import build_plan, device_kind
 
     if under_torchrun():  # we are a worker: torchrun already decided the world
-        return run_worker(cfg)
+        return run_worker(cfg, launched_at=launched_at(args.started))
     lc = launch_config(args, cfg.parallel.timeout_s)
     check_launch(lc, device_kind(cfg))
     foreign = foreign_launch(lc.nnodes)
@@ -162,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if lc.node_rank == 0:
             _recover_checkpoints(run_dir)
         if lc.world_size == 1:
-            return _train_alone(cfg)
+            return _train_alone(cfg, args.started)
         with _quiet_transformers():
             # Every config error surfaces here, once.
             plan = build_plan(cfg, lc.world_size, lc.nproc)
@@ -183,6 +190,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if start is not None:
             start.apply(print)
         os.environ[OWNER_ENV] = f"launcher {os.getpid()}"
+        os.environ[LAUNCHED_AT_ENV] = repr(args.started)  # the workers' start-up counts from it
         worker_args = ["train", args.config, *args.overrides]
         return launch(lc, worker_args, run_dir, saves=cfg.checkpoint.enabled)
 
@@ -203,9 +211,10 @@ def _quiet_transformers() -> Iterator[None]:
         transformers.logging.set_verbosity(level)
 
 
-def _train_alone(cfg: RunConfig) -> int:
+def _train_alone(cfg: RunConfig, started: float) -> int:
     """One process, no launcher: it decides how this start continues the run directory it
-    owns, and is the worker; the moves that decision makes wait until every check passed."""
+    owns, and is the worker; the moves that decision makes wait until every check passed.
+    `started`: when the command started (Unix time)."""
     from dist_train.train.lifecycle import inspect_run_dir
     from dist_train.train.plan import device_kind
 
@@ -220,7 +229,7 @@ def _train_alone(cfg: RunConfig) -> int:
             "`accelerate launch --multi_gpu --num_processes N` (CPU too) or --nproc N",
             flush=True,
         )
-    return run_worker(cfg, owned=True, claim=lambda: start.apply(print))
+    return run_worker(cfg, owned=True, claim=lambda: start.apply(print), launched_at=started)
 
 
 def add_train_parser(sub: Any) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from dist_train.errors import ConfigError, DistTrainError, install_hint
+from dist_train.experiments.goodput_view import goodput_lines
 from dist_train.experiments.grid import SWEEP_FILE, sweep_variants
 from dist_train.experiments.results import (
     METRICS,
@@ -21,6 +22,7 @@ from dist_train.experiments.results import (
     series,
     write_atomic,
 )
+from dist_train.track.goodput import account
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -226,13 +228,17 @@ def coinciding(curves: Sequence[Curve], log: bool) -> list[list[int]]:
 
 
 def report(paths: Sequence[str], out: str, say: Callable[[str], None] = print) -> list[str]:
-    """Plot the runs under `paths` into `out` (written atomically); returns the panel titles."""
+    """Plot the runs under `paths` into `out` (written atomically); returns the panel titles.
+    For a single run, first its goodput table (`goodput_view.py`)."""
     target = Path(out)
     fmt = FORMATS.get(target.suffix.lower())
     if fmt is None or target.is_dir():
         raise ConfigError("--out", out, f"expected a file name ending in {', '.join(FORMATS)}")
     dirs = run_dirs(paths, say)
     runs = [(label, read_metrics(d)) for label, d in zip(labels(dirs), dirs, strict=True)]
+    if len(dirs) == 1:  # one run: where its wall time went, before the plot (which may fail)
+        for line in goodput_lines(account(dirs[0])):
+            say(line)
     panels = panels_for(runs)
     if not panels:
         raise DistTrainError(f"nothing to plot: no numeric metrics in {', '.join(paths)}")

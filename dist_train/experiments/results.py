@@ -7,7 +7,6 @@ No torch here: `dist-train sweep` and `dist-train report` read results without l
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -15,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from dist_train.errors import DistTrainError
+from dist_train.track.goodput import METRICS, read_records
 
-METRICS = "metrics.jsonl"
 EVAL_PREFIX = "val/"
 LEGACY_EVAL = {"val_loss": "val/loss"}  # older runs wrote `val_loss`
 # Words that make an evaluation metric better when higher (val/accuracy, val/f1, val/top5_acc);
@@ -32,15 +31,7 @@ def read_metrics(run_dir: Path) -> list[Record]:
     path = run_dir / METRICS
     if not path.is_file():
         raise DistTrainError(f"{run_dir}: no {METRICS} (not a run directory, or it never logged)")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append({LEGACY_EVAL.get(k, k): v for k, v in record.items()})
-    return records
+    return [{LEGACY_EVAL.get(k, k): v for k, v in r.items()} for r in read_records(path)]
 
 
 def is_eval_metric(key: str) -> bool:

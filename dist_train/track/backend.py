@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
-from dist_train.track.summary import RUN_START, summary_lines, tracker_key
+from dist_train.track.summary import ACCOUNTING, RUN_START, summary_lines, tracker_key
 
 
 class Backend(Protocol):
@@ -29,11 +29,12 @@ class Tracker(Backend, Protocol):
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The record's finite numbers, without `step`, under the trackers' names (`train/loss`
     beside `val/loss`): what trackers plot. None and NaN/inf are left out here (metrics.jsonl
-    writes them as null and names them in `nonfinite`)."""
+    writes them as null and names them in `nonfinite`), and so are goodput's inputs."""
     return {
         tracker_key(key): float(value)
         for key, value in record.items()
         if key != "step"
+        and key not in ACCOUNTING
         and isinstance(value, int | float)
         and not isinstance(value, bool)
         and math.isfinite(value)

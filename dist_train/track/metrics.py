@@ -17,10 +17,8 @@ from dist_train.config.schema import LogConfig
 from dist_train.errors import DistTrainError
 from dist_train.track.backend import Backend, Tracker
 from dist_train.track.console import Console
-from dist_train.track.summary import RUN_START
-
-METRICS = "metrics.jsonl"
-DISCARDED = "metrics.discarded.jsonl"  # records of attempts that a resume rolled back
+from dist_train.track.goodput import DISCARDED, METRICS
+from dist_train.track.summary import RUN_END, RUN_START
 
 
 def strict_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -107,8 +105,9 @@ class MetricsLogger:
         self.max_steps, self.last_step = max_steps, 0
         lines = "console" in cfg.backends
         self.console = Console(stream, cfg.progress, max_steps, enabled, lines)
+        self.jsonl = JsonlFile(run_dir / METRICS) if run_dir is not None else None
         self.backends: list[Backend] = (
-            [JsonlFile(run_dir / METRICS), self.console, *trackers] if run_dir is not None else []
+            [self.jsonl, self.console, *trackers] if self.jsonl is not None else []
         )
 
     def log(self, record: dict[str, Any]) -> None:
@@ -116,13 +115,21 @@ class MetricsLogger:
         for backend in self.backends:
             backend.log(record)
 
-    def start(self, step: int) -> None:
+    def start(self, step: int, timing: dict[str, Any] | None = None) -> None:
         """Before the first step: the run summary, once, to every backend (the console shows
         it as a block of lines, trackers as the run's summary) at the step the run starts at,
-        so that a resume's `trim_metrics` keeps it with the records before that step."""
+        so that a resume's `trim_metrics` keeps it with the records before that step.
+        `timing`: facts known only now (when the loop's clock started), added to the summary."""
         if self.summary is not None:
-            self.log({"step": step, RUN_START: self.summary})
+            self.log({"step": step, RUN_START: {**self.summary, **(timing or {})}})
             self.summary = None
+
+    def end(self, step: int, how: str, timing: dict[str, Any]) -> None:
+        """The attempt's `run_end` record (`how` it ended), to metrics.jsonl only: it closes the
+        goodput accounting of the time after the last log step (the final save, a stop's save);
+        the console has its own closing line."""
+        if self.jsonl is not None:
+            self.jsonl.log({"step": step, RUN_END: how, **timing})
 
     def print(self, text: str) -> None:
         """A message, not a metric: on the console of the main rank whatever the backends."""

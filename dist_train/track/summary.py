@@ -7,6 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 RUN_START = "run_start"  # the metrics record that holds the run summary's facts
+RUN_END = "run_end"  # metrics.jsonl's last record of an attempt that ended in order (goodput)
+# Goodput's inputs (track/goodput.py): when a record was written (Unix time); an evaluation's
+# seconds; since the last record, seconds blocked in checkpoint saves, generating the end-of-run
+# sample, and in evaluations a stop cut short. Kept in metrics.jsonl, left off the console and
+# the trackers: they are not curves.
+ACCOUNTING = ("wall_time", "eval_sec", "checkpoint_sec", "sample_sec", "lost_sec")
 TRACKER_PREFIX = "train/"  # trackers: training scalars beside the evaluation's `val/...`
 
 
@@ -80,7 +86,7 @@ def metric_line(record: dict[str, Any]) -> str:
     """One record as one console line. tok/s makes samples/s redundant (a fixed multiple):
     it is left out there, which keeps a typical line within 120 columns."""
     skip = "samples_per_sec" if record.get("tokens_per_sec") is not None else None
-    fields = (metric_field(k, v) for k, v in record.items() if k != skip)
+    fields = (metric_field(k, v) for k, v in record.items() if k != skip and k not in ACCOUNTING)
     return " ".join(f for f in fields if f is not None)
 
 

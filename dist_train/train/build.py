@@ -3,6 +3,7 @@ checkpointer, logger; resumes from a checkpoint and writes the resolved config."
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from dist_train.config.schema import RunConfig, accumulation_steps, micro_batch_
 from dist_train.data.build import build_data
 from dist_train.data.datasets import Data, DataSpec
 from dist_train.errors import DistTrainError, PeerError
-from dist_train.launch.env import DistEnv, all_agree
+from dist_train.launch.env import DistEnv, all_agree, restart_count
 from dist_train.launch.faults import Fault
 from dist_train.launch.signals import StopRequest
 from dist_train.launch.watch import Progress
@@ -94,6 +95,7 @@ def build_trainer(
     progress: Progress | None = None,
     claim: Callable[[], None] | None = None,
     fault: Fault | None = None,
+    launched_at: float | None = None,
 ) -> Trainer:
     """Data, model (same init on every rank), optimizer, logger; writes the resolved config.
     The caller owns the run directory (see `dist_train.launch.rundir`); `stop` receives its signals
@@ -101,7 +103,9 @@ def build_trainer(
     every rank or none, run on rank 0) makes the owner's moves (`lifecycle.Start.apply`) once
     every check has passed, before anything is written; with it, train.overwrite resumes
     nothing (the earlier run is what it sets aside). `fault`: a test's (launch/faults.py), for
-    the checkpointer; `progress` strikes it in the loop."""
+    the checkpointer; `progress` strikes it in the loop. `launched_at`: when the command started
+    (Unix time; default now), which goodput's start-up counts from."""
+    launched_at = time.time() if launched_at is None else launched_at
     accumulation_steps(cfg, env.world_size)  # fail on a bad batch split before touching anything
     data = build_data(cfg)
     check_watched(cfg, data.val is not None, known_metric_names(cfg, data.spec))
@@ -121,6 +125,8 @@ def build_trainer(
     if env.is_main:
         batch = (micro_batch_size(cfg, env.world_size), accumulation_steps(cfg, env.world_size))
         summary = run_facts(cfg, env, data, about, batch, (state.step, resume_from))
+        # goodput: where this attempt's start-up began; how often torchrun restarted the group
+        summary |= {"launched_at": launched_at, "restart": restart_count()}
     logger = open_logger(cfg, env, state, resume_from, saved, summary)
     return Trainer(
         cfg,

@@ -1,6 +1,6 @@
 """What a log step writes: the record of one log interval (loss, lr, throughput, timing,
 precision and memory fields, mfu) and the checks every rank runs on it; and the lines that say
-a run is done."""
+a run stops or is done."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dist_train.config.schema import RunConfig
 from dist_train.data.datasets import DataSpec
 from dist_train.launch.env import DistEnv
 from dist_train.parallel.precision import Precision
+from dist_train.track.goodput import goodput_of
 from dist_train.track.metrics import MetricsLogger, mfu, peak_flops, peak_memory
 from dist_train.train.nonfinite import check_logged_loss, loss_scale_warning
 from dist_train.train.optim import lr_at
@@ -86,6 +87,13 @@ class LogRecords:
         self.warned_scale = self.warned_scale or warning is not None
 
 
+def stop_notice(cfg: RunConfig) -> str:
+    """The line the first stop signal prints at once (rank 0; `{signal}`: its name)."""
+    then = "saving" if cfg.checkpoint.enabled else "exiting (checkpoint.enabled=false)"
+    every = cfg.log.every_steps
+    return f"{{signal}} received: stopping at the next log step (<= {every} steps) and {then}"
+
+
 def done_already(cfg: RunConfig, state: TrainState) -> str | None:
     """The line of a run that has nothing left to do (None: it has): stopped early, or at
     max_steps with no evaluation owed (a stop at the last step may leave one)."""
@@ -103,12 +111,21 @@ def done_already(cfg: RunConfig, state: TrainState) -> str | None:
 
 
 def done_line(
-    cfg: RunConfig, step: int, seconds: float, last: float | None, val: float | None
+    cfg: RunConfig,
+    step: int,
+    seconds: float,
+    losses: tuple[float | None, float | None],
+    is_main: bool,
 ) -> str:
-    """The run's closing line: its last logged loss and val/loss, where they are at `step`."""
+    """The run's closing line: its last logged loss and val/loss (`losses`, None where none is at
+    `step`) and its goodput (productive / wall time), read back from metrics.jsonl as `dist-train
+    report` shows it; by rank 0 alone, the one that prints (the others' line goes nowhere)."""
+    last, val = losses
+    goodput = goodput_of(Path(cfg.train.run_dir)) if is_main else None
     return (
         f"done: {step} steps in {seconds:.1f} s"
         + (f", loss {last:.4f}" if last is not None else "")
         + (f", val/loss {val:.4f}" if val is not None else "")
+        + (f", goodput {goodput:.2f}" if goodput is not None else "")
         + f"; metrics in {Path(cfg.train.run_dir) / 'metrics.jsonl'}"
     )

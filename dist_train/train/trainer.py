@@ -25,9 +25,10 @@ from dist_train.train.evaluation import EvaluationStopped, build_metrics, evalua
 from dist_train.train.loss import build_loss
 from dist_train.train.nonfinite import check_finite_before_save, last_good
 from dist_train.train.optim import clip_and_measure, lr_at, set_lr
-from dist_train.train.records import LogRecords, done_already, done_line
+from dist_train.train.records import LogRecords, done_already, done_line, stop_notice
 from dist_train.train.sampling import end_of_run_sample
 from dist_train.train.selection import Watches
+from dist_train.train.timing import RunClock
 
 
 @dataclass
@@ -81,16 +82,10 @@ class Trainer:
         self.skip_nonfinite = cfg.train.on_nonfinite == "skip"
         self.nonfinite_skips, self._skips_in_a_row, self._interval_skips = 0, 0, 0
         self.stopping = False  # some rank was asked to stop: known alike on all at log steps
-        # The run's start and the current log interval's (first step, start) on the host clock.
-        self._start = time.perf_counter()
-        self._interval = (state.step, self._start)
-        stop.tell(self._stop_notice() if env.is_main else None)
-
-    def _stop_notice(self) -> str:
-        """The line the first stop signal prints at once (rank 0; `{signal}`: its name)."""
-        then = "saving" if self.cfg.checkpoint.enabled else "exiting (checkpoint.enabled=false)"
-        every = self.cfg.log.every_steps
-        return f"{{signal}} received: stopping at the next log step (<= {every} steps) and {then}"
+        # The loop's clock (goodput's too) and the current log interval's (first step, start).
+        self.clock = RunClock()
+        self._interval = (state.step, self.clock.start)
+        stop.tell(stop_notice(cfg) if env.is_main else None)
 
     def train_step(self, step: int, measure_norm: bool) -> torch.Tensor | None:
         """One optimizer step over this rank's slice of the global batch, in micro-batches."""
@@ -178,8 +173,9 @@ class Trainer:
         loss = total / applied if applied else None  # None: every update was skipped
         self._interval_loss.zero_()
         self._interval_skips, self._interval_wait = 0, 0.0
-        times = (self._start, last_time)
+        times = (self.clock.start, last_time)
         record = self.records.build(step, step - last_step, loss, norm, wait, times)
+        record.update(self.clock.since_record(record["elapsed_sec"]))
         if self.skip_nonfinite:
             record["nonfinite_skips"] = self.nonfinite_skips
         if loss is not None:
@@ -196,23 +192,28 @@ class Trainer:
     def maybe_evaluate(self, result: FitResult) -> dict[str, float] | None:
         if not self.eval_due():
             return None
-        step, values = self.state.step, self.evaluate()
+        step = self.state.step
+        with self.clock.evaluating() as took:  # goodput: its seconds, or lost when cut short
+            values = self.evaluate()
         if values is not None:
             result.val_losses[step] = values["val/loss"]
             result.val_metrics[step] = values
-            self.logger.log({"step": step, **values})
+            self.logger.log({"step": step, **values, **took})
         return values
 
     def maybe_checkpoint(self, now: bool = False) -> None:
         """Periodic saves (async if configured), `now` (a new best), and the last one (the end
         of the run or an early stop), always synchronous."""
         ckpt, step = self.cfg.checkpoint, self.state.step
-        self.checkpointer.poll()
-        if not ckpt.enabled:
-            return
         final = step == self.cfg.train.max_steps or self.state.stopped_early
-        if final or now or (ckpt.every_steps and step % ckpt.every_steps == 0):
-            self._save(blocking=final)
+        periodic = bool(ckpt.every_steps and step % ckpt.every_steps == 0)
+        due = ckpt.enabled and (final or now or periodic)
+        if not due and not self.checkpointer.saving:
+            return  # nothing to save or commit: no clock read on ordinary steps
+        with self.clock.counting("checkpoint_sec"):  # goodput: the loop waits for it here
+            self.checkpointer.poll()
+            if due:
+                self._save(blocking=final)
 
     def _save(self, blocking: bool) -> None:
         self.progress.enter("checkpoint", self.state.step - 1)
@@ -232,11 +233,13 @@ class Trainer:
         saved = None
         self.state.eval_owed = owed
         if self.cfg.checkpoint.enabled:
-            if self.checkpointer.saved_step == self.state.step:
-                self.checkpointer.wait()
-            else:
-                self._save(blocking=True)
+            with self.clock.counting("checkpoint_sec"):
+                if self.checkpointer.saved_step == self.state.step:
+                    self.checkpointer.wait()
+                else:
+                    self._save(blocking=True)
             saved = str(self.checkpointer.root / f"step_{self.state.step:07d}")
+        self.logger.end(self.state.step, "stopped", self.clock.since_record())
         return Preempted(self.stop.signum, self.state.step, saved)
 
     def _evaluate_then_save(self, result: FitResult, owed: bool = False) -> None:
@@ -266,10 +269,10 @@ class Trainer:
         if (line := done_already(self.cfg, self.state)) is not None:
             self.logger.print(line)
             return result
-        self.logger.start(self.state.step)  # the run summary (rank 0), before any step
+        self.clock.reset()  # the loop starts: elapsed_sec and goodput's sums count from here
+        self._interval = (self.state.step, self.clock.start)
+        self.logger.start(self.state.step, self.clock.timing())  # the run summary, on rank 0
         self.model.train()
-        self._start = time.perf_counter()
-        self._interval = (self.state.step, self._start)
         if self.state.eval_owed:  # the stop that ended the last attempt came before it
             self.state.eval_owed = False
             self.logger.print(f"evaluating step {self.state.step} first (owed by the stop)")
@@ -285,12 +288,15 @@ class Trainer:
             if self.stopping and self.state.step < self.cfg.train.max_steps:
                 raise self._preempted(owed=self.eval_due())
             self._evaluate_then_save(result)
-        result.sample = end_of_run_sample(
-            self.cfg, unwrap(self.model), self.data.spec, self.env, self.precision, self.logger
-        )
-        seconds, step = time.perf_counter() - self._start, self.state.step
-        last, val = result.losses.get(step), result.val_losses.get(step)
-        self.logger.print(done_line(self.cfg, step, seconds, last, val))
+        with self.clock.counting("sample_sec"):
+            result.sample = end_of_run_sample(
+                self.cfg, unwrap(self.model), self.data.spec, self.env, self.precision, self.logger
+            )
+        seconds, step = time.perf_counter() - self.clock.start, self.state.step
+        how = "stopped early" if self.state.stopped_early else "done"
+        self.logger.end(step, how, self.clock.since_record())
+        last = (result.losses.get(step), result.val_losses.get(step))
+        self.logger.print(done_line(self.cfg, step, seconds, last, self.env.is_main))
         return result
 
     def close(self) -> None:
