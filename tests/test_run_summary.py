@@ -122,7 +122,9 @@ def test_two_fsdp_workers_of_a_transformers_model_speak_once(tmp_path: Path) -> 
     block = summary_block(proc.stdout)
     assert [line.split(":")[0] for line in block] == [*SUMMARY[:2], "init_from", *SUMMARY[2:]]
     text = "\n".join(block)
-    assert "model: GPT2LMHeadModel, " in text and "parallel: fsdp (2 shards), precision fp32" in text
+    assert (
+        "model: GPT2LMHeadModel, " in text and "parallel: fsdp (2 shards), precision fp32" in text
+    )
     assert "batch: 4 per step, 128 tokens = 2 workers x 2 micro-batch x 1 accumulation" in text
     assert f"tensors from {tmp_path / 'lm'} (save_pretrained folder); nothing newly" in text
     assert out.count("run: ") == 1 and len(run_start_records(run)) == 1
