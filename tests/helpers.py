@@ -4,6 +4,7 @@ tiny settings that keep runs to seconds, and the exactness comparison."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,15 @@ class StopTraining(Exception):
 
 
 def train_in_process(
-    overrides: list[str], stop_at: int | None = None, config: str | Path | None = None
+    overrides: list[str],
+    stop_at: int | None = None,
+    config: str | Path | None = None,
+    probe: Callable[[Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Train in this process (a rank when RANK etc. are set): losses per step, full weights,
     and what this rank stores locally (`_outcome`). `stop_at=N` interrupts the run right after
-    step N; `config` is a YAML file under the overrides."""
+    step N; `config` is a YAML file under the overrides. `probe(trainer)` runs once the trainer
+    is built, before it trains (to install hooks); what it returns comes back as "probe"."""
     from dist_train.config.load import load_config
     from dist_train.launch.env import dist_session, read_env
     from dist_train.parallel.wrap import unwrap
@@ -30,6 +35,7 @@ def train_in_process(
     env = read_env(cfg.train.device)
     with dist_session(env, timeout_s=120):
         trainer = build_trainer(cfg, env)
+        seen = probe(trainer) if probe is not None else None
         if stop_at is not None:
 
             def stop(module: torch.nn.Module, *_: Any) -> None:
@@ -46,6 +52,8 @@ def train_in_process(
             trainer.close()  # as the CLI does: DDP must go before its process group
             raise
         out = _outcome(trainer, result)
+        if probe is not None:
+            out["probe"] = seen
         trainer.close()
     return out
 
