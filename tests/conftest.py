@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 # Before torch loads: OpenMP threads that finish a parallel region sleep instead of spinning.
@@ -78,6 +79,9 @@ def _rank_main(
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)  # two ranks on two cores
+    # What torch preloaded is never garbage: each `Trainer.close()`'s gc.collect() need not walk
+    # it (about a third of a short run's CPU time otherwise).
+    gc.freeze()
     try:
         result = fn(*args)
     except BaseException:

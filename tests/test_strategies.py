@@ -8,7 +8,6 @@ Each rank function trains several configurations one after the other in the same
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import shutil
@@ -59,11 +58,7 @@ def distinct_ports(n: int) -> list[int]:
 
 
 def train_several(runs: list[Run], ports: list[int], probe: Probe | None) -> list[dict[str, Any]]:
-    """On each rank: the runs in order, each in a process group of its own, probed.
-    What the fork server preloaded is frozen out of the garbage collector first: each run's
-    `Trainer.close` collects, and would otherwise walk all of torch's objects every time
-    (a third of a short run's CPU time)."""
-    gc.freeze()
+    """On each rank: the runs in order, each in a process group of its own, probed."""
     results = []
     for (overrides, stop_at), port in zip(runs, ports, strict=True):
         os.environ["MASTER_PORT"] = str(port)
