@@ -321,20 +321,26 @@ def stop_and_resume(tmp_path: Path, world_size: int, strategies: dict[str, list[
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_stop_and_resume_is_bitwise_under_zero2_and_hsdp(tmp_path: Path) -> None:
-    """4 ranks (hsdp as 2 x 2), both with every block recomputed."""
+def test_stop_and_resume_is_bitwise_on_4_ranks(tmp_path: Path) -> None:
+    """zero2 and hsdp (2 x 2) with every block recomputed, and ddp: its first step after a
+    resume would all-reduce in the constructor's bucket order, the uninterrupted run in the
+    order DDP rebuilt after its first step (gloo's sum over more than 2 ranks follows a
+    gradient's place in the bucket), were the buckets not settled first (`settle_buckets`)."""
     stop_and_resume(
-        tmp_path, 4, {"zero2": ["parallel.strategy=zero2", FULL], "hsdp": [*HSDP, FULL]}
+        tmp_path,
+        4,
+        {
+            "zero2": ["parallel.strategy=zero2", FULL],
+            "hsdp": [*HSDP, FULL],
+            "ddp": ["parallel.strategy=ddp"],
+        },
     )
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_stop_and_resume_is_bitwise_under_ddp_and_fsdp(tmp_path: Path) -> None:
-    """2 ranks (one process: tests/test_checkpoint.py). Not 4 under DDP: its first step after
-    a resume all-reduces in the constructor's bucket order, the uninterrupted run in the
-    order DDP rebuilt after its first step, and gloo's sum over more than 2 ranks follows a
-    gradient's place in the bucket: the weights then differ in the last bit."""
+    """2 ranks (one process: tests/test_checkpoint.py)."""
     stop_and_resume(
         tmp_path, 2, {"ddp": ["parallel.strategy=ddp"], "fsdp": ["parallel.strategy=fsdp", EVERY_N]}
     )

@@ -4,9 +4,11 @@ block, just in time) and hsdp (fsdp within shard groups, replicated across them)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import torch
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -165,6 +167,32 @@ def shard_mesh(cfg: ParallelConfig, env: DistEnv) -> DeviceMesh:
         (env.world_size // shard, shard),
         mesh_dim_names=("replicate", "shard"),
     )
+
+
+def settle_buckets(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    loss: Callable[[Any, torch.Tensor], torch.Tensor],
+    autocast: AbstractContextManager[Any],
+) -> None:
+    """For a resumed run: DDP lays its gradient buckets out anew after its first backward (in
+    the order gradients became ready), and gloo's all-reduce over more than two ranks sums an
+    element in an order that depends on where it sits in a bucket. An uninterrupted run has
+    that layout from its second step on; without this, a resumed run would reach it one step
+    after resuming, and differ in the last bit. One forward and backward that leaves no trace
+    (the RNG forked, buffers such as batch-norm statistics restored, gradients dropped) gives
+    it the layout first. Compression hooks keep state of their own: not for them."""
+    if not isinstance(model, DDP) or model.process_group.size() <= 2:
+        return
+    buffers = [b.detach().clone() for b in model.buffers()]
+    devices = [batch[0].device] if batch[0].device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), autocast:
+        out = loss(model(batch[0]), batch[1])
+    out.backward()
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+    model.zero_grad(set_to_none=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -28,10 +28,11 @@ from dist_train.models.protocol import flops_per_token, fsdp_units
 from dist_train.models.registry import build_model
 from dist_train.parallel.precision import Precision
 from dist_train.parallel.recompute import apply_activation_checkpointing
-from dist_train.parallel.wrap import wrap_model
+from dist_train.parallel.wrap import settle_buckets, wrap_model
 from dist_train.track.metrics import MetricsLogger, peak_flops, trim_metrics
 from dist_train.track.trackers import build_trackers
 from dist_train.train.evaluation import known_metric_names
+from dist_train.train.loss import build_loss
 from dist_train.train.optim import build_optimizer, decay_horizon
 from dist_train.train.plan import check_before_writing
 from dist_train.train.selection import check_watched
@@ -120,6 +121,10 @@ def build_trainer(
     if resume_from is not None:  # before anything is written: a bad checkpoint touches nothing
         checkpointer.load(resume_from, state)
         checkpointer.check_verified()  # its checksums, hashed from the page cache after the load
+        if cfg.parallel.grad_compression == "none":  # bitwise resume under DDP on > 2 ranks
+            x, y = data.train.get_batch(torch.arange(min(2, len(data.train))))
+            batch = (x.to(env.device), y.to(env.device))
+            settle_buckets(model, batch, build_loss(data.spec), precision.autocast())
     before_writing(cfg, data.spec, env, claim)
     summary = None
     if env.is_main:
