@@ -10,7 +10,7 @@ import torch
 
 from dist_train.bench.harness import BenchArgs
 from dist_train.bench.registry import get_benchmark, load_runner
-from dist_train.bench.report import format_table
+from dist_train.bench.report import BenchReport, format_table
 from dist_train.launch.env import DistEnv
 
 from conftest import REPO
@@ -30,7 +30,8 @@ def finite_positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def smoke(name: str, nproc: int, *overrides: str) -> dict[str, Any]:
+def smoke_report(name: str, nproc: int, *overrides: str) -> BenchReport:
+    """The benchmark at tiny sizes (2 rounds of 2 steps), its generic fields checked."""
     args = BenchArgs(
         name, QUICKSTART, (*TINY, *overrides), nproc=nproc, steps=2, warmup=1, repeats=2, threads=1
     )
@@ -45,7 +46,11 @@ def smoke(name: str, nproc: int, *overrides: str) -> dict[str, Any]:
             for k in ("median", "q1", "q3", "min", "max", "ratio_of_medians")
         ), label
         assert len(ratio["per_round"]) == 2
-    return data
+    return report
+
+
+def smoke(name: str, nproc: int, *overrides: str) -> dict[str, Any]:
+    return smoke_report(name, nproc, *overrides).to_json()
 
 
 def check_training(data: dict[str, Any], names: list[str]) -> None:

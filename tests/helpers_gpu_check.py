@@ -21,6 +21,7 @@ NAMES = [
     "async_checkpoint_resume",
     "export",
     "throughput_gpt2_small",
+    "strategies",
 ]
 
 

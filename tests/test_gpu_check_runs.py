@@ -1,5 +1,6 @@
 """`python -m dist_train.gpu_check --device cpu`: real checks on tiny sizes writing a real JSON
-report, and the checkpoint-resume and pinned-staging checks' verdicts on what a GPU may do."""
+report (the strategies table too), and the checkpoint-resume, pinned-staging and strategies
+checks' verdicts on what a GPU may do."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 from torch import nn
 
 from dist_train.data.datasets import DataSpec
-from dist_train.gpu_check import checkpoint_checks, cli, train_checks
-from dist_train.gpu_check.runner import CheckFailed, Context
+from dist_train.gpu_check import checkpoint_checks, cli, strategy_check, train_checks
+from dist_train.gpu_check.runner import CheckFailed, CheckSkipped, Context
 from dist_train.gpu_check.training import TrainRun
 
 from conftest import REPO
@@ -129,3 +130,39 @@ def test_pinned_staging_is_required_on_cuda_only(tmp_path: Path) -> None:
     # DCP's internals moved: not observable, not a failure
     checkpoint_checks.check_pinned(on_cuda, None)
     checkpoint_checks.check_pinned(Context(torch.device("cpu"), cli.CPU, tmp_path, REPO), staging)
+
+
+@pytest.mark.distributed
+def test_cpu_run_of_the_strategies_table(tmp_path: Path) -> None:
+    """`bench strategies` through the CLI on 2 gloo workers: the table printed, its rows and
+    goals in the JSON."""
+    proc = gpu_check("--device", "cpu", "--only", "strategies", "--out", "r.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== bench strategies ==" in proc.stdout and "goal: " in proc.stdout
+    result = json.loads((tmp_path / "r.json").read_text())["checks"]["strategies"]
+    assert result["status"] == "pass", result
+    n = result["numbers"]
+    assert n["nproc"] == 2 and n["exit_status"] == 0 and "--nproc 2" in n["command"]
+    assert list(n["rows"])[:2] == ["ddp", "ddp ac=full"] and len(n["rows"]) == 8
+    assert all(row["time_vs_hand"] > 0 and row["peak_mib"] > 0 for row in n["rows"].values())
+    assert set(n["goals"]) == {"sharded_peak", "checkpointing", "hand"}
+    assert result["summary"].startswith("8 rows on 2 workers; peak/ddp zero2 ")
+
+
+def test_strategies_check_needs_two_gpus_and_the_cuda_allocator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a GPU machine would do, without touching a GPU: one GPU is a skip (NCCL runs one
+    worker per GPU), four make four workers, and memory not read from CUDA's allocator fails."""
+    on_cuda = Context(torch.device("cuda", 0), cli.GPU, tmp_path, REPO)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(CheckSkipped, match=r"needs 2 or more GPUs.*\(1 visible\)"):
+        strategy_check.strategies_check(on_cuda, {})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert strategy_check.workers(on_cuda) == 4
+    cmd = strategy_check.bench_command(on_cuda, 4)
+    assert cmd[cmd.index("--nproc") + 1] == "4" and "train.device=cuda" in cmd
+    assert "train.global_batch_size=32" in cmd and "precision.dtype=bf16" in cmd
+    settings = {"memory_source": "glibc mallinfo2", "goals": {}, "world_size": 4}
+    with pytest.raises(CheckFailed, match="not the CUDA allocator"):
+        strategy_check.read_table({"settings": settings, "results": []}, True, {})

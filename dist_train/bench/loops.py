@@ -13,11 +13,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.overrides import TorchFunctionMode
 
+from dist_train.bench.by_hand import SHARDED_BY_HAND, checkpoint_by_hand, shard_by_hand
 from dist_train.config.schema import RunConfig, accumulation_steps, micro_batch_size
 from dist_train.data.datasets import Data
 from dist_train.data.sampler import GlobalBatchSampler
@@ -38,8 +37,14 @@ def check_plain_ddp(cfg: RunConfig, nproc: int) -> None:
 
 
 def check_hand_written(cfg: RunConfig, nproc: int) -> None:
-    """The hand-written loop wraps with plain DDP or FSDP2, without compression hooks."""
-    _check_plain(cfg, nproc, ("none", "ddp", "fsdp"), "use auto, ddp or fsdp")
+    """The hand-written loop wraps with plain DDP or FSDP2 (zero2, fsdp, hsdp), without
+    compression hooks."""
+    _check_plain(
+        cfg,
+        nproc,
+        ("none", "ddp", *SHARDED_BY_HAND),
+        f"use auto, ddp, {', '.join(SHARDED_BY_HAND)}",
+    )
 
 
 def _check_plain(cfg: RunConfig, nproc: int, strategies: tuple[str, ...], use: str) -> None:
@@ -116,34 +121,17 @@ def rank_batches(cfg: RunConfig, env: DistEnv, data: Data, steps: int) -> list[t
     return [sampler.rank_indices(s, env.rank, env.world_size).clone() for s in range(steps)]
 
 
-def shard_by_hand(model: nn.Module, cfg: RunConfig, env: DistEnv) -> nn.Module:
-    """FSDP2 as one writes it: each block the model names, then the root, on one mesh, with
-    the mixed-precision policy of the run's precision settings."""
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
-    policy = MixedPrecisionPolicy(
-        param_dtype=DTYPES[cfg.precision.dtype], reduce_dtype=DTYPES[cfg.precision.reduce_dtype]
-    )
-    for block in model.fsdp_units() if hasattr(model, "fsdp_units") else []:
-        fully_shard(
-            block,
-            mesh=mesh,
-            mp_policy=policy,
-            reshard_after_forward=cfg.parallel.reshard_after_forward,
-        )
-    # The root (embeddings, tied head) is used again right away by backward: kept gathered.
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    return model
-
-
 class RawLoop:
-    """What one writes by hand: model (same init), DDP with the same bucket size when there is
-    more than one worker (FSDP2 with `parallel.strategy=fsdp`), AdamW, autocast (+ GradScaler
-    for fp16), clip, step, zero_grad."""
+    """What one writes by hand: model (same init), activation checkpointing of its blocks when
+    the config asks, DDP with the same bucket size when there is more than one worker (FSDP2
+    with `parallel.strategy` zero2, fsdp or hsdp), AdamW, autocast (+ GradScaler for fp16),
+    clip, step, zero_grad."""
 
     def __init__(self, cfg: RunConfig, env: DistEnv, data: Data, steps: int) -> None:
         self.cfg, self.env, self.data = cfg, env, data
         torch.manual_seed(cfg.train.seed)  # the framework's initialization, hence its weights
         model = build_model(cfg.model, data.spec).to(env.device)
+        checkpoint_by_hand(model, cfg)
         self.module = model
         self.model: nn.Module = model
         self.strategy = resolve_strategy(cfg.parallel, env.world_size)
@@ -155,8 +143,8 @@ class RawLoop:
                 bucket_cap_mb=cfg.parallel.bucket_cap_mb,
                 static_graph=cfg.parallel.static_graph,
             )
-        elif self.strategy == "fsdp":
-            self.model = shard_by_hand(model, cfg, env)  # in place: model is sharded now
+        elif self.strategy in SHARDED_BY_HAND:  # in place: model is sharded now
+            self.model = shard_by_hand(model, self.strategy, cfg, env)
         self.optimizer = raw_optimizer(cfg, model)
         dtype = DTYPES[cfg.precision.dtype]
         self.autocast_dtype = None if dtype == torch.float32 else dtype
@@ -168,7 +156,7 @@ class RawLoop:
 
     def _grad_sync(self, last: bool) -> AbstractContextManager[Any]:
         """Gradients are reduced across ranks on the last micro-batch of a step only."""
-        if self.strategy == "fsdp":
+        if self.strategy in SHARDED_BY_HAND:
             self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
         if self.strategy == "ddp" and not last:
             return self.model.no_sync()  # type: ignore[operator]

@@ -41,6 +41,7 @@ class Benchmark:
     warmup: int = 5
     repeats: int = 10
     requires: str = ""  # an optional extra this benchmark imports (pyproject's extras name it)
+    overrides: tuple[str, ...] = ()  # this benchmark's own defaults, before the user's overrides
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
@@ -76,17 +77,28 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         nproc=2,
         min_nproc=2,
     ),
-    # 9 contenders, fp16 on CPU about 10x fp32: fewer, shorter rounds keep it near 2 minutes.
+    # 16 contenders (8 rows and their hand-written twins) of a model big enough that memory
+    # matters (12 layers, 512 wide: 38 M parameters) on 2 x 128 tokens per rank: a step takes
+    # 1-2.5 s on one core, so few short rounds keep it to about 5 minutes.
     Benchmark(
         "strategies",
-        "none/ddp/fsdp x fp32/bf16/fp16: step time, samples/s, memory per rank vs DDP fp32",
+        "ddp/zero2/fsdp/hsdp x activation checkpointing off/on, each vs its hand-written loop: "
+        "step time, peak and activation memory per rank, the plan's estimate",
         "dist_train.bench.strategies:run",
         nproc=2,
         min_nproc=2,
         check="dist_train.bench.strategies:check_config",
-        steps=5,
-        warmup=2,
-        repeats=6,
+        steps=2,
+        warmup=0,  # the 2 probe steps after each build (memory) warm it up already
+        repeats=4,
+        overrides=(
+            "model.n_layer=12",
+            "model.n_head=8",
+            "model.n_embd=512",
+            "model.block_size=128",
+            "train.global_batch_size=4",
+            "data.max_chars=500000",
+        ),
     ),
     Benchmark(
         "data",
@@ -142,6 +154,7 @@ def make_args(ns: argparse.Namespace) -> tuple[BenchArgs, RunConfig]:
 
     bench: Benchmark = ns.bench
     config, overrides = split_config(ns.overrides)
+    overrides = [*bench.overrides, *overrides]
     cfg = load_config(config, overrides)
     check_launch(LaunchConfig(nproc=ns.nproc), device_kind(cfg))
     if ns.nproc < bench.min_nproc:
@@ -204,11 +217,13 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: i
     names = parser.add_subparsers(dest="benchmark", required=True, metavar="NAME")
     for bench in BENCHMARKS:
         p = names.add_parser(bench.name, help=bench.help, description=bench.help)
+        own = f"; this benchmark's defaults first: {' '.join(bench.overrides)}"
         p.add_argument(
             "overrides",
             nargs="*",
             metavar="[config] key=value",
-            help=f"YAML file (default {DEFAULT_CONFIG.name}) and overrides",
+            help=f"YAML file (default {DEFAULT_CONFIG.name}) and overrides"
+            + (own if bench.overrides else ""),
         )
         p.add_argument(
             "--nproc", type=int, default=bench.nproc, help="workers (default %(default)s)"

@@ -97,6 +97,8 @@ def _lookup(row: Mapping[str, Any], dotted: str) -> Any:
 
 
 def _cell(value: Any, column: Column) -> str:
+    if value is None:  # not measured (the notes say why)
+        return "-"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return format(value * column.scale, column.fmt)
     return str(value)

@@ -1,20 +1,29 @@
-"""One contender of `bench strategies` (a strategy x precision with its own Trainer) and the
-per-rank memory it holds by construction, summed from local tensor sizes."""
+"""One contender of `bench strategies` (dist_train's loop for one strategy and activation
+checkpointing setting, or its hand-written twin), built and probed inside a memory window: the
+bytes it adds to the process at its peak, and the bytes one forward leaves for backward.
+Where the allocator cannot be read, the per-rank state summed from tensor sizes stands in."""
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_train.bench.loops import FrameworkLoop
-from dist_train.config.schema import RunConfig
+from dist_train.bench.loops import FrameworkLoop, RawLoop
+from dist_train.bench.memory_meter import MemoryMeter
 from dist_train.launch.env import DistEnv
 from dist_train.parallel.wrap import unwrap
 
 PROBE_STEPS = 2  # untimed steps right after a contender is built: its memory is measured there
 # (they run past the schedule bench_config sets by one step: the learning rate just stays at
 # its floor, which costs the same)
+
+Loop = FrameworkLoop | RawLoop
 
 
 def _local_bytes(t: torch.Tensor) -> int:
@@ -54,54 +63,79 @@ def _bucket_bytes(model: nn.Module) -> int:
         return 0
 
 
+def _gathered_bytes(module: nn.Module) -> int:
+    """Parameters held whole: all of them without FSDP; under FSDP2 the blocks gathered now
+    (their parameters are plain tensors then, DTensor shards once resharded)."""
+    return sum(
+        p.numel() * p.element_size() for p in module.parameters() if not isinstance(p, DTensor)
+    )
+
+
+def parts(loop: Loop) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    """(the wrapped model, the user's module, the optimizer) of either kind of loop."""
+    if isinstance(loop, FrameworkLoop):
+        trainer = loop.trainer
+        return trainer.model, unwrap(trainer.model), trainer.optimizer
+    return loop.model, loop.module, loop.optimizer
+
+
 class Contender:
-    """One strategy x precision: its own Trainer, built and probed for memory right away, so
-    that nothing else runs between its build and its memory figures."""
+    """Built inside a memory window and probed right away, so that nothing else runs between
+    its build and its figures. The other contenders stay alive: the window's peak minus what
+    was in use just before the build is what this one adds."""
 
-    def __init__(self, strategy: str, dtype: str, cfg: RunConfig, env: DistEnv) -> None:
-        self.strategy, self.dtype, self.env = strategy, dtype, env
-        cuda = env.device.type == "cuda"
-        if cuda:  # the other contenders' memory stays allocated: count only what this one adds
-            torch.cuda.synchronize(env.device)
-            torch.cuda.reset_peak_memory_stats(env.device)
-            before = torch.cuda.memory_allocated(env.device)
-        self.loop = FrameworkLoop(cfg, env)
-        self.grad_bytes = self._probe()
-        self.cuda_peak_bytes = (
-            (torch.cuda.max_memory_allocated(env.device) - before) if cuda else None
-        )
+    def __init__(self, build: Callable[[], Loop], env: DistEnv, meter: MemoryMeter) -> None:
+        self.env, self.meter = env, meter
+        gc.collect()  # garbage of earlier builds, freed inside the window, would hide bytes
+        before = meter.in_use()
+        with meter.window() as window:
+            self.loop: Loop = build()
+            self.activation_bytes, self.grad_bytes = self._probe()
+        self.peak_bytes = window.peak - before if meter.available else None
 
-    def _probe(self) -> int:
-        """Run the first steps untimed and read the gradients' size right before `zero_grad`
-        frees them (there they exist even when fp16's scaler skips the step)."""
-        optimizer = self.loop.trainer.optimizer
-        seen = [0]
+    def _probe(self) -> tuple[int | None, int]:
+        """Run the first steps untimed. Activations: bytes in use after the root module's
+        forward minus before it, less parameters gathered meanwhile (zero2 keeps every block
+        gathered until backward: weights, not activations); the largest over the steps.
+        Gradients: their size right before `zero_grad` frees them (there they exist even when
+        fp16's scaler skips the step): the tensor-size figure, for when no meter reads."""
+        _, module, optimizer = parts(self.loop)
+        marks: list[tuple[int, int]] = []
+        grads = [0]
+
+        def mark(*_: Any) -> None:
+            marks.append((self.meter.in_use(), _gathered_bytes(module)))
 
         def zero_grad(set_to_none: bool = True) -> None:
-            seen.append(_grad_bytes(optimizer))
+            grads.append(_grad_bytes(optimizer))
             type(optimizer).zero_grad(optimizer, set_to_none=set_to_none)
 
+        handles = [module.register_forward_pre_hook(mark), module.register_forward_hook(mark)]
         optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
         try:
             self.loop.run(PROBE_STEPS)
         finally:
             del optimizer.zero_grad  # the class's own again: nothing extra in timed steps
-        if self.env.device.type == "cuda":
-            torch.cuda.synchronize(self.env.device)
-        return max(seen)
+            for h in handles:
+                h.remove()
+        if not self.meter.available:
+            return None, max(grads)
+        pairs = zip(marks[::2], marks[1::2], strict=True)
+        return max((a[0] - b[0]) - (a[1] - b[1]) for b, a in pairs), max(grads)
 
-    def memory(self) -> dict[str, int | None]:
-        """This rank's share, read after the timed rounds (optimizer state exists by then)."""
-        trainer = self.loop.trainer
-        params = sum(_local_bytes(p) for p in unwrap(trainer.model).parameters())
-        figures = {
-            "params_bytes": params,
+    def figures(self) -> dict[str, int | None]:
+        """This rank's figures, read after the timed rounds (optimizer state exists by then):
+        the measured ones, and the state summed from local tensor sizes."""
+        wrapped, module, optimizer = parts(self.loop)
+        state = {
+            "params_bytes": sum(_local_bytes(p) for p in module.parameters()),
             "grads_bytes": self.grad_bytes,
-            "optim_bytes": _optim_bytes(trainer.optimizer),
-            "ddp_bucket_bytes": _bucket_bytes(trainer.model),
+            "optim_bytes": _optim_bytes(optimizer),
+            "ddp_bucket_bytes": _bucket_bytes(wrapped),
         }
         return {
-            **figures,
-            "state_bytes": sum(figures.values()),
-            "cuda_peak_bytes": self.cuda_peak_bytes,
+            "peak_bytes": self.peak_bytes,
+            "activation_bytes": self.activation_bytes,
+            **state,
+            "state_bytes": sum(state.values()),
         }

@@ -2,14 +2,12 @@
 repository's gpu tests and a one-rank NCCL group. Each fills `numbers` as it goes, raises
 CheckFailed / CheckSkipped, or returns a one-line summary. With `--device cpu` the same code
 runs on tiny sizes (gloo for NCCL). The training checks are in train_checks.py, the checkpoint
-and export checks in checkpoint_checks.py."""
+and export checks in checkpoint_checks.py, the strategies table in strategy_check.py."""
 
 from __future__ import annotations
 
-import os
 import re
 import socket
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -19,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from dist_train.gpu_check.checkpoint_checks import async_checkpoint_resume, export_check
-from dist_train.gpu_check.runner import Check, CheckFailed, CheckSkipped, Context
+from dist_train.gpu_check.runner import Check, CheckFailed, CheckSkipped, Context, run_tool
+from dist_train.gpu_check.strategy_check import strategies_check
 from dist_train.gpu_check.train_checks import (
     compile_check,
     throughput_gpt2_small,
@@ -43,22 +42,9 @@ def pytest_counts(output: str) -> dict[str, int]:
 def pytest_gpu(ctx: Context, numbers: dict[str, Any]) -> str:
     if not (ctx.repo / "tests").is_dir():
         raise CheckSkipped(f"no tests/ folder next to the package in {ctx.repo}")
-    torchrun = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")  # pytest's own, not ours
-    env = {k: v for k, v in os.environ.items() if k not in torchrun}
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # and no .pytest_cache: leave the checkout as it was
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
-    try:
-        proc = subprocess.run(
-            cmd,
-            cwd=ctx.repo,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=PYTEST_TIMEOUT_S,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        raise CheckFailed(f"pytest -m gpu did not finish in {PYTEST_TIMEOUT_S} s") from None
+    # no bytecode and no .pytest_cache: leave the checkout as it was
+    proc = run_tool(cmd, "pytest -m gpu", PYTEST_TIMEOUT_S, ctx.repo, PYTHONDONTWRITEBYTECODE="1")
     counts = pytest_counts(proc.stdout)
     numbers.update(counts, exit_status=proc.returncode)
     if proc.returncode == 5:  # pytest: no test collected
@@ -137,5 +123,11 @@ CHECKS = (
         "throughput_gpt2_small",
         "GPT-2 small (12x768, context 1024), bf16, compiled: tokens/s and MFU",
         throughput_gpt2_small,
+    ),
+    Check(
+        "strategies",
+        "bench strategies on every GPU (one worker each, 2 or more): ddp/zero2/fsdp/hsdp x "
+        "activation checkpointing, step time, peak and activation memory vs hand-written loops",
+        strategies_check,
     ),
 )

@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -136,6 +137,28 @@ def release(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_tool(
+    cmd: list[str], what: str, timeout_s: float, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """A command run as a user runs it, output captured, no stdin, with this process's
+    environment less torchrun's variables (the tool sets its own: they are not ours to pass
+    on) plus `env`. Running out of time fails the check."""
+    torchrun = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    full_env = {k: v for k, v in os.environ.items() if k not in torchrun} | env
+    try:
+        return subprocess.run(
+            cmd,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout_s,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise CheckFailed(f"{what} did not finish in {timeout_s:g} s") from None
 
 
 def environment(device: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,11 +24,9 @@ if TYPE_CHECKING:
 LOSS_FALL = 0.9  # "the loss falls": the last logged interval below 90% of the first
 
 
-def quickstart(ctx: Context, name: str, steps: int, *extra: str) -> RunConfig:
-    """configs/quickstart.yaml on the check's device, in its own run dir, quiet."""
-    from dist_train.config.load import load_config
-
-    # shipped inside the package by a wheel install, at the top of a checkout otherwise
+def quickstart_path(ctx: Context) -> Path:
+    """configs/quickstart.yaml: shipped inside the package by a wheel install, at the top of a
+    checkout otherwise."""
     found = [
         p
         for p in (ctx.repo / "dist_train" / "configs", ctx.repo / "configs")
@@ -35,9 +34,15 @@ def quickstart(ctx: Context, name: str, steps: int, *extra: str) -> RunConfig:
     ]
     if not found:
         raise CheckSkipped(f"configs/quickstart.yaml not found in the package or in {ctx.repo}")
-    path = found[0] / "quickstart.yaml"
+    return found[0] / "quickstart.yaml"
+
+
+def quickstart(ctx: Context, name: str, steps: int, *extra: str) -> RunConfig:
+    """configs/quickstart.yaml on the check's device, in its own run dir, quiet."""
+    from dist_train.config.load import load_config
+
     return load_config(
-        path,
+        quickstart_path(ctx),
         [
             f"train.device={ctx.device.type}",
             f"train.run_dir={ctx.work_dir / name}",
