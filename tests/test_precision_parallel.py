@@ -179,16 +179,25 @@ def test_cuda_bf16_training(tmp_path: Path) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_fsdp_mixed_precision_trains(dtype: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "strategy"),
+    [
+        ("bf16", ["parallel.strategy=fsdp"]),
+        ("fp16", ["parallel.strategy=fsdp"]),
+        ("bf16", ["parallel.strategy=zero2"]),
+        # 2 replicas of 1 shard: the scaler's inf check and the gradients cross replicas
+        ("fp16", ["parallel.strategy=hsdp", "parallel.shard_size=1"]),
+    ],
+)
+def test_fsdp_mixed_precision_trains(dtype: str, strategy: list[str], tmp_path: Path) -> None:
     """FSDP2's MixedPrecisionPolicy (params gathered in `dtype`, grads reduced in bf16) plus
-    autocast; fp16 adds the loss scaler on sharded gradients."""
+    autocast, under each FSDP2 strategy; fp16 adds the loss scaler on sharded gradients."""
     runs = run_on_ranks(
         train_in_process,
         2,
         [
             *PRECISION_RUN,
-            "parallel.strategy=fsdp",
+            *strategy,
             f"precision.dtype={dtype}",
             "precision.reduce_dtype=bf16",
             f"train.run_dir={tmp_path}",

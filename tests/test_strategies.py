@@ -19,13 +19,14 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dist_train.config.load import load_config
 from dist_train.data.build import build_data
 from dist_train.models.registry import build_model
 from dist_train.parallel.recompute import recomputed_units
 
-from conftest import run_on_ranks
+from conftest import cli, run_on_ranks
 from helpers import (
     EXACT_RUN,
     OPTIMIZERS,
@@ -384,6 +385,13 @@ def test_resume_across_strategies_and_world_sizes(tmp_path: Path) -> None:
         assert resumed["probe"]["mesh_dims"] == ("replicate", "shard"), rank
         assert 0.45 < resumed["local_numel"] / resumed["numel"] < 0.55, rank
     assert [r["probe"]["gathered_after_forward"] for r in fsdp_to_zero2] == [[True, True]] * 4
+    # The checkpoint the 2 x 2 hsdp run wrote last exports the one-process weights.
+    out = tmp_path / "from_hsdp.safetensors"
+    assert cli("export", f"{tmp_path}/ddp", "--out", str(out)).returncode == 0
+    exported = load_file(out)
+    assert exported and set(exported) <= set(ref["params"])
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, ref["params"][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow
