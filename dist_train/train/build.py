@@ -77,6 +77,13 @@ def resume_notes(cfg: RunConfig, saved: dict[str, Any]) -> list[str]:
     return notes
 
 
+def two_samples(data: Data, env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first two training samples on the run's device: a batch for the passes that only
+    look at the model (FLOP counting, DDP's bucket layout)."""
+    x, y = data.train.get_batch(torch.arange(min(2, len(data.train))))
+    return x.to(env.device), y.to(env.device)
+
+
 def flops_for_mfu(cfg: RunConfig, env: DistEnv, data: Data, model: nn.Module) -> float | None:
     """Training FLOPs per token for the `mfu` metric (the model's own figure, else counted on
     two training samples), or None without counting where no mfu is reported: data without
@@ -84,8 +91,7 @@ def flops_for_mfu(cfg: RunConfig, env: DistEnv, data: Data, model: nn.Module) ->
     tokens = data.spec.tokens_per_sample
     if not tokens or peak_flops(cfg.log, env.device, cfg.precision.dtype) is None:
         return None
-    inputs, _ = data.train.get_batch(torch.arange(min(2, len(data.train))))
-    inputs = inputs.to(env.device)
+    inputs, _ = two_samples(data, env)
     return flops_per_token(model.to(env.device), inputs, len(inputs) * tokens)
 
 
@@ -122,8 +128,7 @@ def build_trainer(
         checkpointer.load(resume_from, state)
         checkpointer.check_verified()  # its checksums, hashed from the page cache after the load
         if cfg.parallel.grad_compression == "none":  # bitwise resume under DDP on > 2 ranks
-            x, y = data.train.get_batch(torch.arange(min(2, len(data.train))))
-            batch = (x.to(env.device), y.to(env.device))
+            batch = two_samples(data, env)
             settle_buckets(model, batch, build_loss(data.spec), precision.autocast())
     before_writing(cfg, data.spec, env, claim)
     summary = None
